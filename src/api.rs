@@ -1,0 +1,219 @@
+//! The `KeepalivePolicy` API (`keepalive.dev/v1alpha1`, cluster-scoped).
+//!
+//! Every range and rule here is part of the generated CRD schema (OpenAPI bounds, enums and CEL
+//! `x-kubernetes-validations`), so the apiserver rejects an invalid policy before it is stored and names the
+//! offending field. The operator's own code may assume a stored policy is valid.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+#[allow(unused_imports)]
+use kube::core::{Reason, Rule};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every resource of this operator.
+pub const GROUP: &str = "keepalive.dev";
+
+/// Kernel bound of `net.ipv4.tcp_keepalive_time` and `tcp_keepalive_intvl` (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
+pub const MAX_KEEPALIVE_SECONDS: i32 = 32767;
+/// Kernel bound of `net.ipv4.tcp_keepalive_probes` (MAX_TCP_KEEPCNT).
+pub const MAX_KEEPALIVE_PROBES: i32 = 127;
+/// How many violations a policy status lists at most.
+pub const MAX_VIOLATIONS: usize = 20;
+
+/// Which pods get which TCP keepalive sysctls, and how strictly.
+///
+/// A pod is matched when its namespace matches `namespaceSelector` and the pod matches `podSelector`. Where
+/// several policies match one pod, the one with the highest `priority` wins; on equal priority the policy whose
+/// name sorts first wins.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "keepalive.dev",
+    version = "v1alpha1",
+    kind = "KeepalivePolicy",
+    plural = "keepalivepolicies",
+    shortname = "kap",
+    status = "KeepalivePolicyStatus",
+    derive = "PartialEq",
+    doc = "A KeepalivePolicy says which pods get which TCP keepalive sysctls (net.ipv4.tcp_keepalive_time, _intvl, _probes), and in which mode.",
+    printcolumn(name = "Time", type_ = "integer", json_path = ".spec.keepalive.time",
+        description = "net.ipv4.tcp_keepalive_time: idle seconds before the first probe"),
+    printcolumn(name = "Interval", type_ = "integer", json_path = ".spec.keepalive.interval",
+        description = "net.ipv4.tcp_keepalive_intvl: seconds between probes"),
+    printcolumn(name = "Probes", type_ = "integer", json_path = ".spec.keepalive.probes",
+        description = "net.ipv4.tcp_keepalive_probes: unanswered probes before the connection is dropped"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Matched", type_ = "integer", json_path = ".status.matchedPods",
+        description = "pods this policy applies to"),
+    printcolumn(name = "Conformant", type_ = "integer", json_path = ".status.conformantPods",
+        description = "matched pods that run with this policy's keepalive values"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.idleTimeoutSeconds) || self.keepalive.time < self.idleTimeoutSeconds"
+).message(
+    "spec.keepalive.time must be less than spec.idleTimeoutSeconds: the first keepalive probe has to leave before the load balancer drops the idle connection"
+).field_path(".idleTimeoutSeconds").reason(Reason::FieldValueInvalid))]
+#[serde(rename_all = "camelCase")]
+pub struct KeepalivePolicySpec {
+    /// Namespaces whose pods this policy applies to. Absent: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods this policy applies to, within the selected namespaces. Absent: every pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// The keepalive sysctls the matched pods get.
+    pub keepalive: KeepaliveSettings,
+    /// Idle timeout, in seconds, of the load balancer or NAT in front of these pods (AWS NLB 350, Azure LB 240,
+    /// GCP firewall 600). When set, `keepalive.time` must be below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub idle_timeout_seconds: Option<i32>,
+    /// Enforce: the policy's values win over values the pod sets. Fill: only sysctls the pod does not set.
+    /// Audit: never mutate, only report.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Where several policies match a pod the highest priority wins; on a tie, the first name in
+    /// alphabetical order.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// The three TCP keepalive sysctls, per network namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeepaliveSettings {
+    /// `net.ipv4.tcp_keepalive_time`: seconds a connection is idle before the first probe (kernel default 7200).
+    #[schemars(range(min = 1, max = 32767))]
+    pub time: i32,
+    /// `net.ipv4.tcp_keepalive_intvl`: seconds between unanswered probes (kernel default 75).
+    #[schemars(range(min = 1, max = 32767))]
+    pub interval: i32,
+    /// `net.ipv4.tcp_keepalive_probes`: unanswered probes before the connection is dropped (kernel default 9).
+    #[schemars(range(min = 1, max = 127))]
+    pub probes: i32,
+}
+
+impl KeepaliveSettings {
+    /// Seconds from the last packet until a dead peer is detected: time + interval × probes.
+    pub fn dead_peer_seconds(&self) -> i64 {
+        i64::from(self.time) + i64::from(self.interval) * i64::from(self.probes)
+    }
+}
+
+/// How a policy treats the pods it matches.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The policy's values replace the pod's own values of the keepalive sysctls.
+    #[default]
+    Enforce,
+    /// Only keepalive sysctls the pod does not set are added.
+    Fill,
+    /// Nothing is changed; the status reports what Enforce would change.
+    Audit,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "Enforce",
+            Mode::Fill => "Fill",
+            Mode::Audit => "Audit",
+        })
+    }
+}
+
+/// A label selector with the semantics of Kubernetes' `metav1.LabelSelector`: all `matchLabels` and all
+/// `matchExpressions` must hold; an empty selector matches everything.
+///
+/// Unlike `metav1.LabelSelector`, the operator is an enum in the schema, so the apiserver rejects an unknown
+/// operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must be present with exactly these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One requirement of a label selector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new(
+    "(self.operator == 'In' || self.operator == 'NotIn') == (has(self.values) && size(self.values) > 0)"
+).message(
+    "values must be non-empty when operator is In or NotIn, and must be empty when operator is Exists or DoesNotExist"
+).field_path(".values").reason(Reason::FieldValueInvalid))]
+pub struct LabelSelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
+    pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
+    pub operator: SelectorOperator,
+    /// Label values, for In and NotIn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 63), regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")))]
+    pub values: Vec<String>,
+}
+
+/// Operator of a label selector requirement.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// What the operator observed about a policy's pods. Written by the controller only.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeepalivePolicyStatus {
+    /// The policy generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods this policy applies to (it matches them and wins over other matching policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_pods: Option<i32>,
+    /// Matched pods that run with this policy's keepalive values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conformant_pods: Option<i32>,
+    /// `Ready` (policy accepted, caches synced) and `Conformant` (every matched pod conforms).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The first matched pods that do not conform, sorted by namespace and name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub violations: Vec<Violation>,
+    /// When the pods were last evaluated against this policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluated: Option<Time>,
+}
+
+/// One pod that does not conform to its policy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Violation {
+    pub namespace: String,
+    pub name: String,
+    /// A CamelCase reason such as NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld or
+    /// LiveMismatch.
+    pub reason: String,
+    pub message: String,
+}
+
+/// The generated CRD as YAML, exactly as committed under `crds/` and the chart's `crds/`.
+pub fn crd_yaml() -> String {
+    let crd = KeepalivePolicy::crd();
+    let body = serde_yaml::to_string(&crd).expect("a CRD always serializes to YAML");
+    format!(
+        "# Generated by `keepalive-operator crd`; do not edit. Regenerate with:\n\
+         #   cargo run -- crd > crds/{name}.yaml && cp crds/{name}.yaml charts/keepalive-operator/crds/\n{body}",
+        name = crd.metadata.name.as_deref().unwrap_or_default()
+    )
+}
