@@ -26,8 +26,11 @@ need_go() {
   (( major > 1 || minor >= 25 )) || die "Go $v is too old: Kubernetes ${KUBE_VERSION} needs Go >= 1.25"
 }
 
+# Bump when the build flags below change, so cached binaries are rebuilt.
+BUILD_REV=1
+
 key() {
-  (cd "$here" && cat versions.env go/*/go.mod go/*/go.sum go/etcd/main.go tools.sh; go env GOVERSION) \
+  (cd "$here" && cat versions.env go/*/go.mod go/*/go.sum go/etcd/main.go; go env GOVERSION; echo "$BUILD_REV") \
     | sha256sum | cut -c1-16
 }
 
@@ -144,6 +147,7 @@ case "$cmd" in
     # The newest build is also reachable under a stable name, for humans.
     ln -sfn "$(bindir)" "$cache/bin/current"
     say "binaries in $(bindir)"
+    bindir
     ;;
   *) die "usage: hack/tools.sh build [NAME...] | path | regen" ;;
 esac

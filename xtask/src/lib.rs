@@ -1,0 +1,6 @@
+//! Project tasks and the real local control plane the tests and the demo run against.
+
+pub mod cluster;
+pub mod tools;
+
+pub use cluster::{ControlPlane, shared};
