@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, CustomResourceExt, KubeSchema};
 #[allow(unused_imports)]
 use kube::core::{Reason, Rule};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -38,18 +38,42 @@ pub const MAX_VIOLATIONS: usize = 20;
     status = "KeepalivePolicyStatus",
     derive = "PartialEq",
     doc = "A KeepalivePolicy says which pods get which TCP keepalive sysctls (net.ipv4.tcp_keepalive_time, _intvl, _probes), and in which mode.",
-    printcolumn(name = "Time", type_ = "integer", json_path = ".spec.keepalive.time",
-        description = "net.ipv4.tcp_keepalive_time: idle seconds before the first probe"),
-    printcolumn(name = "Interval", type_ = "integer", json_path = ".spec.keepalive.interval",
-        description = "net.ipv4.tcp_keepalive_intvl: seconds between probes"),
-    printcolumn(name = "Probes", type_ = "integer", json_path = ".spec.keepalive.probes",
-        description = "net.ipv4.tcp_keepalive_probes: unanswered probes before the connection is dropped"),
+    printcolumn(
+        name = "Time",
+        type_ = "integer",
+        json_path = ".spec.keepalive.time",
+        description = "net.ipv4.tcp_keepalive_time: idle seconds before the first probe"
+    ),
+    printcolumn(
+        name = "Interval",
+        type_ = "integer",
+        json_path = ".spec.keepalive.interval",
+        description = "net.ipv4.tcp_keepalive_intvl: seconds between probes"
+    ),
+    printcolumn(
+        name = "Probes",
+        type_ = "integer",
+        json_path = ".spec.keepalive.probes",
+        description = "net.ipv4.tcp_keepalive_probes: unanswered probes before the connection is dropped"
+    ),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(name = "Matched", type_ = "integer", json_path = ".status.matchedPods",
-        description = "pods this policy applies to"),
-    printcolumn(name = "Conformant", type_ = "integer", json_path = ".status.conformantPods",
-        description = "matched pods that run with this policy's keepalive values"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Matched",
+        type_ = "integer",
+        json_path = ".status.matchedPods",
+        description = "pods this policy applies to"
+    ),
+    printcolumn(
+        name = "Conformant",
+        type_ = "integer",
+        json_path = ".status.conformantPods",
+        description = "matched pods that run with this policy's keepalive values"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.idleTimeoutSeconds) || self.keepalive.time < self.idleTimeoutSeconds"
@@ -151,13 +175,24 @@ pub struct LabelSelector {
 ).field_path(".values").reason(Reason::FieldValueInvalid))]
 pub struct LabelSelectorRequirement {
     /// The label key.
-    #[schemars(length(min = 1, max = 317), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 317),
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+        )
+    )]
     pub key: String,
     /// In, NotIn, Exists or DoesNotExist.
     pub operator: SelectorOperator,
     /// Label values, for In and NotIn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(max = 63), regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")))]
+    #[schemars(
+        length(max = 256),
+        inner(
+            length(max = 63),
+            regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+        )
+    )]
     pub values: Vec<String>,
 }
 

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "keepalive-operator", version, about = "Per-pod TCP keepalive sysctls for Kubernetes")]
+#[command(
+    name = "keepalive-operator",
+    version,
+    about = "Per-pod TCP keepalive sysctls for Kubernetes"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -43,7 +43,10 @@ fn policy_json(name: &str, spec: Value) -> DynamicObject {
 
 #[test]
 fn committed_crds_match_the_generated_one() {
-    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator")).arg("crd").output().unwrap();
+    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
+        .arg("crd")
+        .output()
+        .unwrap();
     assert!(generated.status.success());
     let generated = String::from_utf8(generated.stdout).unwrap();
     assert_eq!(generated, api::crd_yaml());
@@ -64,15 +67,24 @@ async fn crd_installs_and_becomes_established() {
     let conditions = crd.status.unwrap().conditions.unwrap_or_default();
     for wanted in ["Established", "NamesAccepted"] {
         assert!(
-            conditions.iter().any(|c| c.type_ == wanted && c.status == "True"),
+            conditions
+                .iter()
+                .any(|c| c.type_ == wanted && c.status == "True"),
             "{wanted} not True: {conditions:?}"
         );
     }
     assert_eq!(crd.spec.scope, "Cluster");
     assert_eq!(crd.spec.names.short_names, Some(vec!["kap".to_string()]));
     // The short name resolves through discovery, as users type it.
-    let out = cp.kubectl_output(&["api-resources", "--api-group=keepalive.dev", "--no-headers"]).unwrap();
-    assert!(out.split_whitespace().collect::<Vec<_>>().starts_with(&["keepalivepolicies", "kap"]), "{out}");
+    let out = cp
+        .kubectl_output(&["api-resources", "--api-group=keepalive.dev", "--no-headers"])
+        .unwrap();
+    assert!(
+        out.split_whitespace()
+            .collect::<Vec<_>>()
+            .starts_with(&["keepalivepolicies", "kap"]),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -88,13 +100,21 @@ async fn every_example_is_stored_and_read_back() {
         let text = std::fs::read_to_string(&path).unwrap();
         let expected: KeepalivePolicy =
             serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(text.starts_with('#'), "{}: every example starts with a comment saying what it is for", path.display());
-        cp.kubectl_output(&["apply", "-f", path.to_str().unwrap()]).unwrap();
+        assert!(
+            text.starts_with('#'),
+            "{}: every example starts with a comment saying what it is for",
+            path.display()
+        );
+        cp.kubectl_output(&["apply", "-f", path.to_str().unwrap()])
+            .unwrap();
         let stored = policies.get(&expected.name_unchecked()).await.unwrap();
         assert_eq!(stored.spec, expected.spec, "{}", path.display());
         seen += 1;
     }
-    assert!(seen >= 5, "examples/ should hold at least five policies, found {seen}");
+    assert!(
+        seen >= 5,
+        "examples/ should hold at least five policies, found {seen}"
+    );
 }
 
 #[tokio::test]
@@ -104,13 +124,19 @@ async fn the_apiserver_applies_defaults() {
     let created = api
         .create(
             &PostParams::default(),
-            &policy_json("defaults", json!({"keepalive": {"time": 60, "interval": 10, "probes": 5}})),
+            &policy_json(
+                "defaults",
+                json!({"keepalive": {"time": 60, "interval": 10, "probes": 5}}),
+            ),
         )
         .await
         .unwrap();
     assert_eq!(created.data["spec"]["mode"], "Enforce");
     assert_eq!(created.data["spec"]["priority"], 0);
-    let typed: KeepalivePolicy = Api::all(cp.client().await.unwrap()).get("defaults").await.unwrap();
+    let typed: KeepalivePolicy = Api::all(cp.client().await.unwrap())
+        .get("defaults")
+        .await
+        .unwrap();
     assert_eq!(typed.spec.mode, Mode::Enforce);
     assert_eq!(typed.spec.keepalive.dead_peer_seconds(), 110);
 }
@@ -121,70 +147,104 @@ async fn invalid_policies_are_rejected_naming_the_field() {
     let api = dynamic_api(cp.client().await.unwrap());
     let ok = json!({"time": 300, "interval": 30, "probes": 3});
     let cases: Vec<(&str, Value, &[&str])> = vec![
-        ("time-zero", json!({"keepalive": {"time": 0, "interval": 30, "probes": 3}}), &[
-            "spec.keepalive.time",
-            "greater than or equal to 1",
-        ]),
-        ("probes-128", json!({"keepalive": {"time": 300, "interval": 30, "probes": 128}}), &[
-            "spec.keepalive.probes",
-            "less than or equal to 127",
-        ]),
-        ("interval-40000", json!({"keepalive": {"time": 300, "interval": 40000, "probes": 3}}), &[
-            "spec.keepalive.interval",
-            "less than or equal to 32767",
-        ]),
-        ("time-too-big", json!({"keepalive": {"time": 32768, "interval": 30, "probes": 3}}), &[
-            "spec.keepalive.time",
-            "less than or equal to 32767",
-        ]),
-        ("probes-missing", json!({"keepalive": {"time": 300, "interval": 30}}), &[
-            "spec.keepalive.probes",
-            "Required value",
-        ]),
-        ("keepalive-missing", json!({"mode": "Enforce"}), &["spec.keepalive", "Required value"]),
-        ("idle-equal-time", json!({"idleTimeoutSeconds": 300, "keepalive": ok}), &[
-            "spec.idleTimeoutSeconds",
-            "spec.keepalive.time must be less than spec.idleTimeoutSeconds",
-        ]),
-        ("idle-below-time", json!({"idleTimeoutSeconds": 240, "keepalive": ok}), &[
-            "spec.idleTimeoutSeconds",
-            "spec.keepalive.time must be less than spec.idleTimeoutSeconds",
-        ]),
-        ("idle-zero", json!({"idleTimeoutSeconds": 0, "keepalive": {"time": 1, "interval": 1, "probes": 1}}), &[
-            "spec.idleTimeoutSeconds",
-        ]),
-        ("unknown-mode", json!({"mode": "Strict", "keepalive": ok}), &[
-            "spec.mode",
-            "Unsupported value: \"Strict\"",
-        ]),
+        (
+            "time-zero",
+            json!({"keepalive": {"time": 0, "interval": 30, "probes": 3}}),
+            &["spec.keepalive.time", "greater than or equal to 1"],
+        ),
+        (
+            "probes-128",
+            json!({"keepalive": {"time": 300, "interval": 30, "probes": 128}}),
+            &["spec.keepalive.probes", "less than or equal to 127"],
+        ),
+        (
+            "interval-40000",
+            json!({"keepalive": {"time": 300, "interval": 40000, "probes": 3}}),
+            &["spec.keepalive.interval", "less than or equal to 32767"],
+        ),
+        (
+            "time-too-big",
+            json!({"keepalive": {"time": 32768, "interval": 30, "probes": 3}}),
+            &["spec.keepalive.time", "less than or equal to 32767"],
+        ),
+        (
+            "probes-missing",
+            json!({"keepalive": {"time": 300, "interval": 30}}),
+            &["spec.keepalive.probes", "Required value"],
+        ),
+        (
+            "keepalive-missing",
+            json!({"mode": "Enforce"}),
+            &["spec.keepalive", "Required value"],
+        ),
+        (
+            "idle-equal-time",
+            json!({"idleTimeoutSeconds": 300, "keepalive": ok}),
+            &[
+                "spec.idleTimeoutSeconds",
+                "spec.keepalive.time must be less than spec.idleTimeoutSeconds",
+            ],
+        ),
+        (
+            "idle-below-time",
+            json!({"idleTimeoutSeconds": 240, "keepalive": ok}),
+            &[
+                "spec.idleTimeoutSeconds",
+                "spec.keepalive.time must be less than spec.idleTimeoutSeconds",
+            ],
+        ),
+        (
+            "idle-zero",
+            json!({"idleTimeoutSeconds": 0, "keepalive": {"time": 1, "interval": 1, "probes": 1}}),
+            &["spec.idleTimeoutSeconds"],
+        ),
+        (
+            "unknown-mode",
+            json!({"mode": "Strict", "keepalive": ok}),
+            &["spec.mode", "Unsupported value: \"Strict\""],
+        ),
         (
             "bad-operator",
             json!({"keepalive": ok, "podSelector": {"matchExpressions": [{"key": "app", "operator": "Contains", "values": ["x"]}]}}),
-            &["spec.podSelector.matchExpressions[0].operator", "Unsupported value: \"Contains\""],
+            &[
+                "spec.podSelector.matchExpressions[0].operator",
+                "Unsupported value: \"Contains\"",
+            ],
         ),
         (
             "in-without-values",
             json!({"keepalive": ok, "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]}}),
-            &["spec.namespaceSelector.matchExpressions[0].values", "must be non-empty when operator is In"],
+            &[
+                "spec.namespaceSelector.matchExpressions[0].values",
+                "must be non-empty when operator is In",
+            ],
         ),
         (
             "exists-with-values",
             json!({"keepalive": ok, "podSelector": {"matchExpressions": [{"key": "team", "operator": "Exists", "values": ["a"]}]}}),
-            &["spec.podSelector.matchExpressions[0].values", "must be empty when operator is Exists"],
+            &[
+                "spec.podSelector.matchExpressions[0].values",
+                "must be empty when operator is Exists",
+            ],
         ),
         (
             "bad-label-key",
             json!({"keepalive": ok, "podSelector": {"matchExpressions": [{"key": "-bad key", "operator": "Exists"}]}}),
             &["spec.podSelector.matchExpressions[0].key"],
         ),
-        ("time-not-a-number", json!({"keepalive": {"time": "300s", "interval": 30, "probes": 3}}), &[
-            "spec.keepalive.time",
-        ]),
+        (
+            "time-not-a-number",
+            json!({"keepalive": {"time": "300s", "interval": 30, "probes": 3}}),
+            &["spec.keepalive.time"],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, spec, wanted) in &cases {
         let name = format!("invalid-{name}");
-        match api.create(&PostParams::default(), &policy_json(&name, spec.clone())).await {
+        match api
+            .create(&PostParams::default(), &policy_json(&name, spec.clone()))
+            .await
+        {
             Ok(_) => failures.push(format!("{name}: accepted, but should be rejected")),
             Err(kube::Error::Api(status)) => {
                 let (code, message) = (status.code, &status.message);
@@ -200,7 +260,10 @@ async fn invalid_policies_are_rejected_naming_the_field() {
             Err(e) => failures.push(format!("{name}: unexpected error {e}")),
         }
         // Nothing of a rejected policy is stored.
-        assert!(api.get_opt(&name).await.unwrap().is_none(), "{name} was stored");
+        assert!(
+            api.get_opt(&name).await.unwrap().is_none(),
+            "{name} was stored"
+        );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -217,7 +280,10 @@ async fn kubectl_get_prints_the_columns() {
     }))
     .unwrap();
     let policy = KeepalivePolicy::new("printer-columns", spec);
-    policies.create(&PostParams::default(), &policy).await.unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
     // Status is a subresource: the controller writes it with server-side apply.
     let status = json!({
         "apiVersion": "keepalive.dev/v1alpha1",
@@ -225,20 +291,45 @@ async fn kubectl_get_prints_the_columns() {
         "status": {"observedGeneration": 1, "matchedPods": 7, "conformantPods": 5},
     });
     policies
-        .patch_status("printer-columns", &PatchParams::apply("keepalive-operator-test").force(), &Patch::Apply(&status))
+        .patch_status(
+            "printer-columns",
+            &PatchParams::apply("keepalive-operator-test").force(),
+            &Patch::Apply(&status),
+        )
         .await
         .unwrap();
 
     for resource in ["keepalivepolicies", "kap", "keepalivepolicy.keepalive.dev"] {
-        let out = cp.kubectl_output(&["get", resource, "printer-columns"]).unwrap();
-        let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+        let out = cp
+            .kubectl_output(&["get", resource, "printer-columns"])
+            .unwrap();
+        let lines: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
         assert_eq!(
             lines[0],
-            ["NAME", "TIME", "INTERVAL", "PROBES", "MODE", "MATCHED", "CONFORMANT", "AGE"],
+            [
+                "NAME",
+                "TIME",
+                "INTERVAL",
+                "PROBES",
+                "MODE",
+                "MATCHED",
+                "CONFORMANT",
+                "AGE"
+            ],
             "kubectl get {resource}:\n{out}"
         );
-        assert_eq!(lines[1][..7], ["printer-columns", "45", "9", "4", "Fill", "7", "5"], "kubectl get {resource}:\n{out}");
-        assert!(lines[1][7].ends_with('s') || lines[1][7].ends_with('m'), "AGE column: {out}");
+        assert_eq!(
+            lines[1][..7],
+            ["printer-columns", "45", "9", "4", "Fill", "7", "5"],
+            "kubectl get {resource}:\n{out}"
+        );
+        assert!(
+            lines[1][7].ends_with('s') || lines[1][7].ends_with('m'),
+            "AGE column: {out}"
+        );
     }
     // The status subresource is all the status patch touched: the spec is unchanged.
     let stored = policies.get("printer-columns").await.unwrap();

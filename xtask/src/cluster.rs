@@ -20,8 +20,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 use crate::tools;
@@ -43,7 +43,8 @@ pub struct ControlPlane {
 pub fn shared() -> &'static ControlPlane {
     static SHARED: OnceLock<ControlPlane> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let cp = ControlPlane::start().unwrap_or_else(|e| panic!("starting the local control plane: {e:#}"));
+        let cp = ControlPlane::start()
+            .unwrap_or_else(|e| panic!("starting the local control plane: {e:#}"));
         register_exit_cleanup(cp.dir.path());
         cp
     })
@@ -99,15 +100,19 @@ impl ControlPlane {
     /// An admin client.
     pub async fn client(&self) -> Result<kube::Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
         Ok(kube::Client::try_from(config)?)
     }
 
     /// The real kubectl with this control plane's kubeconfig.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.bin.join("kubectl"));
-        cmd.env("KUBECONFIG", &self.kubeconfig).env_remove("KUBERNETES_SERVICE_HOST");
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
         cmd
     }
 
@@ -115,7 +120,11 @@ impl ControlPlane {
     pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl().args(args).output()?;
         if !out.status.success() {
-            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -123,7 +132,13 @@ impl ControlPlane {
     /// Applies the committed CRDs (`crds/` of the repository) and waits until they are Established.
     pub fn install_crds(&self) -> Result<()> {
         let crds = tools::repo_root().join("crds");
-        self.kubectl_output(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().unwrap()])?;
+        self.kubectl_output(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crds.to_str().unwrap(),
+        ])?;
         self.kubectl_output(&[
             "wait",
             "--for=condition=Established",
@@ -170,15 +185,29 @@ impl ControlPlane {
         self.apiserver = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let out = self.kubectl().args(["get", "--raw", "/readyz"]).stderr(Stdio::null()).output()?;
+            let out = self
+                .kubectl()
+                .args(["get", "--raw", "/readyz"])
+                .stderr(Stdio::null())
+                .output()?;
             if out.status.success() && out.stdout.starts_with(b"ok") {
                 return Ok(());
             }
-            if let Some(status) = self.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("kube-apiserver exited with {status}:\n{}", log_tail(&d.join("kube-apiserver.log")));
+            if let Some(status) = self
+                .apiserver
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "kube-apiserver exited with {status}:\n{}",
+                    log_tail(&d.join("kube-apiserver.log"))
+                );
             }
             if Instant::now() > deadline {
-                bail!("kube-apiserver not ready after 90 s:\n{}", log_tail(&d.join("kube-apiserver.log")));
+                bail!(
+                    "kube-apiserver not ready after 90 s:\n{}",
+                    log_tail(&d.join("kube-apiserver.log"))
+                );
             }
             thread::sleep(Duration::from_millis(250));
         }
@@ -204,10 +233,16 @@ impl ControlPlane {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !etcd_healthy(self.etcd_port) {
             if let Some(status) = self.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("etcd exited with {status}:\n{}", log_tail(&d.join("etcd.log")));
+                bail!(
+                    "etcd exited with {status}:\n{}",
+                    log_tail(&d.join("etcd.log"))
+                );
             }
             if Instant::now() > deadline {
-                bail!("etcd not healthy after 30 s:\n{}", log_tail(&d.join("etcd.log")));
+                bail!(
+                    "etcd not healthy after 30 s:\n{}",
+                    log_tail(&d.join("etcd.log"))
+                );
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -248,7 +283,11 @@ fn write_pki(dir: &Path) -> Result<()> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = name("keepalive-operator test CA", None);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca = Issuer::new(ca_params, ca_key);
     fs::write(dir.join("ca.crt"), ca_cert.pem())?;
@@ -265,14 +304,23 @@ fn write_pki(dir: &Path) -> Result<()> {
     ])?;
     serving.distinguished_name = name("kube-apiserver", None);
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    fs::write(dir.join("apiserver.crt"), serving.signed_by(&serving_key, &ca)?.pem())?;
-    write_private(&dir.join("apiserver.key"), serving_key.serialize_pem().as_bytes())?;
+    fs::write(
+        dir.join("apiserver.crt"),
+        serving.signed_by(&serving_key, &ca)?.pem(),
+    )?;
+    write_private(
+        &dir.join("apiserver.key"),
+        serving_key.serialize_pem().as_bytes(),
+    )?;
 
     let admin_key = KeyPair::generate()?;
     let mut admin = CertificateParams::new(Vec::<String>::new())?;
     admin.distinguished_name = name("admin", Some("system:masters"));
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    fs::write(dir.join("admin.crt"), admin.signed_by(&admin_key, &ca)?.pem())?;
+    fs::write(
+        dir.join("admin.crt"),
+        admin.signed_by(&admin_key, &ca)?.pem(),
+    )?;
     write_private(&dir.join("admin.key"), admin_key.serialize_pem().as_bytes())?;
 
     let sa_key = KeyPair::generate()?;
@@ -292,7 +340,12 @@ fn name(common_name: &str, organization: Option<&str>) -> DistinguishedName {
 
 fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)?;
     Ok(())
 }
@@ -303,9 +356,13 @@ pub fn free_port() -> Result<u16> {
 }
 
 fn etcd_healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut body = String::new();
@@ -329,7 +386,9 @@ static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Spawns `cmd` so that it dies with this process, with stdout and stderr appended to `log`.
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
     let program = cmd.get_program().to_string_lossy().into_owned();
     let child = spawn_tied(cmd).with_context(|| format!("starting {program}"))?;
     LIVE.lock().unwrap().push(child.id());
@@ -361,8 +420,13 @@ fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
         Mutex::new(tx)
     });
     let (tx, rx) = mpsc::channel();
-    spawner.lock().unwrap().send((cmd, tx)).map_err(|_| std::io::Error::other("spawner thread gone"))?;
-    rx.recv().map_err(|_| std::io::Error::other("spawner thread gone"))?
+    spawner
+        .lock()
+        .unwrap()
+        .send((cmd, tx))
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("spawner thread gone"))?
 }
 
 /// Stops a child: SIGTERM, then SIGKILL after a grace period; always reaped.

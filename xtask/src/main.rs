@@ -16,9 +16,10 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.iter().any(|a| a == "--hold")),
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
-        Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
-            println!("{}", d.display());
-        }),
+        Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>())
+            .map(|d| {
+                println!("{}", d.display());
+            }),
         _ => {
             eprintln!(
                 "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | cluster | tools [NAME...]"
@@ -41,7 +42,10 @@ fn step(what: &str) {
 
 /// Runs a command in the repository root and fails when it fails.
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.current_dir(tools::repo_root()).status().with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd
+        .current_dir(tools::repo_root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -53,18 +57,32 @@ fn cargo() -> Command {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
+    step(
+        "Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)",
+    );
     let bin = tools::build(&[])?;
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
-    run(cargo().args(["test", "--workspace"]).args(extra).env("KEEPALIVE_BIN_DIR", &bin))
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("KEEPALIVE_BIN_DIR", &bin))
 }
 
 fn start_control_plane() -> Result<ControlPlane> {
-    step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
+    step(
+        "Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)",
+    );
     tools::build(&[])?;
     step("Starting a local control plane: etcd + kube-apiserver on loopback");
     let cp = ControlPlane::start()?;
@@ -78,11 +96,17 @@ fn demo(hold: bool) -> Result<()> {
     let cp = start_control_plane()?;
     let examples = tools::repo_root().join("examples");
     step("Applying the example policies (examples/)");
-    print!("{}", cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?);
+    print!(
+        "{}",
+        cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?
+    );
     step("kubectl get kap");
     print!("{}", cp.kubectl_output(&["get", "kap"])?);
     step("kubectl get kap aws-nlb -o yaml (the stored policy, defaults applied)");
-    print!("{}", cp.kubectl_output(&["get", "kap", "aws-nlb", "-o", "yaml"])?);
+    print!(
+        "{}",
+        cp.kubectl_output(&["get", "kap", "aws-nlb", "-o", "yaml"])?
+    );
     step("An invalid policy is rejected by the apiserver, naming the field");
     let bad = cp.work_dir().join("invalid.yaml");
     std::fs::write(
@@ -90,7 +114,10 @@ fn demo(hold: bool) -> Result<()> {
         "apiVersion: keepalive.dev/v1alpha1\nkind: KeepalivePolicy\nmetadata:\n  name: too-late\nspec:\n  \
          idleTimeoutSeconds: 350\n  keepalive: {time: 7200, interval: 75, probes: 9}\n",
     )?;
-    let out = cp.kubectl().args(["apply", "-f", bad.to_str().unwrap()]).output()?;
+    let out = cp
+        .kubectl()
+        .args(["apply", "-f", bad.to_str().unwrap()])
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stderr));
     // SAFETY: isatty(3) only inspects the descriptor.
     if hold || unsafe { libc::isatty(0) } == 1 {
@@ -112,7 +139,10 @@ fn hold_until_interrupted(cp: &ControlPlane) -> Result<()> {
         cp.kubeconfig().display(),
         cp.bin_dir().display()
     );
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(tokio::signal::ctrl_c())?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(tokio::signal::ctrl_c())?;
     eprintln!("stopping");
     Ok(())
 }

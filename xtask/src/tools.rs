@@ -11,7 +11,10 @@ use anyhow::{Context, Result, bail};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repository").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repository")
+        .to_path_buf()
 }
 
 /// Directory with etcd, kube-apiserver, kubectl and helm of the pinned versions, built on first use.
