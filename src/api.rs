@@ -4,6 +4,9 @@
 //! `x-kubernetes-validations`), so the apiserver rejects an invalid policy before it is stored and names the
 //! offending field. The operator's own code may assume a stored policy is valid.
 
+// `printcolumn(type_ = ...)` repeats by design; clippy reads it as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
