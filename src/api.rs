@@ -72,11 +72,7 @@ pub const MAX_VIOLATIONS: usize = 20;
         json_path = ".status.conformantPods",
         description = "matched pods that run with this policy's keepalive values"
     ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.idleTimeoutSeconds) || self.keepalive.time < self.idleTimeoutSeconds"
@@ -191,10 +187,7 @@ pub struct LabelSelectorRequirement {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 256),
-        inner(
-            length(max = 63),
-            regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-        )
+        inner(length(max = 63), regex(pattern = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"))
     )]
     pub values: Vec<String>,
 }

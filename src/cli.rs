@@ -1,6 +1,8 @@
 //! Command-line interface: one binary, one subcommand per role.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,4 +19,34 @@ pub struct Cli {
 pub enum Command {
     /// Print the KeepalivePolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Apply policies to manifests offline: print the resources with the mutation the webhook would make.
+    Apply(ApplyArgs),
+    /// Run the admission webhook (and, with it, the conformance controller).
+    Controller(Box<crate::controller::Args>),
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// A file of KeepalivePolicy documents ("-" reads stdin). Repeatable.
+    #[arg(short = 'p', long = "policy", required = true)]
+    pub policies: Vec<PathBuf>,
+    /// A file of resources: Pods, pod-template owners (Deployments, ...), Namespaces, anything else passes
+    /// through unchanged ("-" reads stdin). Repeatable.
+    #[arg(short = 'r', long = "resource", required = true)]
+    pub resources: Vec<PathBuf>,
+    /// Kubernetes version (MAJOR.MINOR) of the target cluster. Default: 1.29 or newer. On older clusters
+    /// nothing is injected unless --kubelet-allows-keepalive-sysctls is given.
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    pub kubernetes_version: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// What the operator may assume about the cluster's kubelets.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// The kubelets allow the keepalive sysctls even though the cluster is older than 1.29 (they run with
+    /// --allowed-unsafe-sysctls listing them). Without it, nothing is injected on such clusters.
+    #[arg(long, env = "KEEPALIVE_KUBELET_ALLOWS_KEEPALIVE_SYSCTLS")]
+    pub kubelet_allows_keepalive_sysctls: bool,
 }

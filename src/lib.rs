@@ -1,9 +1,19 @@
 //! keepalive-operator: keeps idle TCP connections alive through load balancers and NATs by giving pods the
 //! `net.ipv4.tcp_keepalive_*` sysctls their network path needs.
 //!
-//! The crate is a pure core (`api`, and the policy decision shared by every caller) with thin I/O shells;
-//! `main.rs` only parses arguments and dispatches.
+//! A pure core — [`api`] (the CRD types), [`policy`] (the one decision, shared by every caller) and
+//! [`validate`] — with thin I/O shells: [`webhook`], [`apply`], [`controller`]. `main.rs` only parses
+//! arguments and dispatches.
 
 pub mod api;
+pub mod apply;
+pub mod cache;
+pub mod certs;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod policy;
+pub mod server;
+pub mod telemetry;
+pub mod validate;
+pub mod webhook;

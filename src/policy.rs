@@ -17,9 +17,7 @@ use k8s_openapi::{
 };
 use serde_json::Value;
 
-use crate::api::{
-    KeepalivePolicy, KeepalivePolicySpec, KeepaliveSettings, LabelSelector, Mode, SelectorOperator,
-};
+use crate::api::{KeepalivePolicy, KeepalivePolicySpec, KeepaliveSettings, LabelSelector, Mode, SelectorOperator};
 
 pub const SYSCTL_TIME: &str = "net.ipv4.tcp_keepalive_time";
 pub const SYSCTL_INTERVAL: &str = "net.ipv4.tcp_keepalive_intvl";
@@ -54,9 +52,7 @@ impl KeepaliveSettings {
 impl LabelSelector {
     /// Kubernetes semantics: every matchLabels pair and every requirement must hold; empty matches everything.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
             && self.match_expressions.iter().all(|r| {
                 let value = labels.get(&r.key);
                 match r.operator {
@@ -91,11 +87,7 @@ impl PolicyEntry {
     }
 
     /// Whether this policy's selectors select the pod (regardless of other policies).
-    pub fn selects(
-        &self,
-        namespace_labels: &BTreeMap<String, String>,
-        pod_labels: &BTreeMap<String, String>,
-    ) -> bool {
+    pub fn selects(&self, namespace_labels: &BTreeMap<String, String>, pod_labels: &BTreeMap<String, String>) -> bool {
         selector_matches(self.spec.namespace_selector.as_ref(), namespace_labels)
             && selector_matches(self.spec.pod_selector.as_ref(), pod_labels)
     }
@@ -120,12 +112,7 @@ pub struct PolicySet {
 impl PolicySet {
     pub fn new(policies: impl IntoIterator<Item = PolicyEntry>) -> Self {
         let mut entries: Vec<PolicyEntry> = policies.into_iter().collect();
-        entries.sort_by(|a, b| {
-            b.spec
-                .priority
-                .cmp(&a.spec.priority)
-                .then_with(|| a.name.cmp(&b.name))
-        });
+        entries.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then_with(|| a.name.cmp(&b.name)));
         let mut set = PolicySet {
             entries,
             ..Default::default()
@@ -228,12 +215,7 @@ fn required_pairs(selector: Option<&LabelSelector>) -> Vec<(&str, &str)> {
     s.match_expressions
         .iter()
         .find(|r| r.operator == SelectorOperator::In)
-        .map(|r| {
-            r.values
-                .iter()
-                .map(|v| (r.key.as_str(), v.as_str()))
-                .collect()
-        })
+        .map(|r| r.values.iter().map(|v| (r.key.as_str(), v.as_str())).collect())
         .unwrap_or_default()
 }
 
@@ -258,11 +240,7 @@ pub struct ClusterFacts {
 impl ClusterFacts {
     /// From the apiserver's version (e.g. "1", "29+"), unless `assume_safe` overrides an older one.
     pub fn from_version(major: &str, minor: &str, assume_safe: bool) -> Self {
-        let number = |s: &str| {
-            s.trim_end_matches(|c: char| !c.is_ascii_digit())
-                .parse::<u32>()
-                .ok()
-        };
+        let number = |s: &str| s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok();
         let safe = match (number(major), number(minor)) {
             (Some(ma), Some(mi)) => ma > 1 || (ma == 1 && mi >= FIRST_SAFE_MINOR),
             _ => false,
@@ -297,9 +275,7 @@ impl<'a> PodFacts<'a> {
         PodFacts {
             labels: meta.labels.as_ref().unwrap_or(&NO_LABELS),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            windows: spec
-                .and_then(|s| s.os.as_ref())
-                .is_some_and(|os| os.name == "windows"),
+            windows: spec.and_then(|s| s.os.as_ref()).is_some_and(|os| os.name == "windows"),
             sysctls: spec
                 .and_then(|s| s.security_context.as_ref())
                 .and_then(|sc| sc.sysctls.as_deref())
@@ -411,10 +387,7 @@ impl fmt::Display for Decision<'_> {
             Outcome::Skipped(skip) => {
                 write!(f, "policy {policy}: skipped ({}): {skip}", skip.reason())
             }
-            Outcome::AlreadySet => write!(
-                f,
-                "policy {policy}: unchanged, the pod already has its values"
-            ),
+            Outcome::AlreadySet => write!(f, "policy {policy}: unchanged, the pod already has its values"),
             Outcome::Mutate(s) => write!(f, "policy {policy}: set {}", describe(s)),
             Outcome::Audit(s) => write!(f, "policy {policy} (Audit): would set {}", describe(s)),
         }
@@ -448,10 +421,7 @@ pub fn decide<'p>(
         policy,
         outcome: Outcome::Skipped(skip),
     };
-    if namespace_labels
-        .get(IGNORE_LABEL)
-        .is_some_and(|v| v == "true")
-    {
+    if namespace_labels.get(IGNORE_LABEL).is_some_and(|v| v == "true") {
         return skipped(None, Skip::NamespaceIgnored);
     }
     if pod.labels.get(IGNORE_LABEL).is_some_and(|v| v == "true") {
@@ -538,10 +508,7 @@ pub fn patch_operations(
     let mut ops = Vec::with_capacity(2);
     if spec.security_context.is_some() {
         // `add` replaces an existing member: the list is atomic, so it is written whole.
-        ops.push(add(
-            format!("{prefix}/spec/securityContext/sysctls"),
-            sysctls_json,
-        ));
+        ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json));
     } else {
         ops.push(add(
             format!("{prefix}/spec/securityContext"),

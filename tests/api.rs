@@ -67,9 +67,7 @@ async fn crd_installs_and_becomes_established() {
     let conditions = crd.status.unwrap().conditions.unwrap_or_default();
     for wanted in ["Established", "NamesAccepted"] {
         assert!(
-            conditions
-                .iter()
-                .any(|c| c.type_ == wanted && c.status == "True"),
+            conditions.iter().any(|c| c.type_ == wanted && c.status == "True"),
             "{wanted} not True: {conditions:?}"
         );
     }
@@ -105,16 +103,12 @@ async fn every_example_is_stored_and_read_back() {
             "{}: every example starts with a comment saying what it is for",
             path.display()
         );
-        cp.kubectl_output(&["apply", "-f", path.to_str().unwrap()])
-            .unwrap();
+        cp.kubectl_output(&["apply", "-f", path.to_str().unwrap()]).unwrap();
         let stored = policies.get(&expected.name_unchecked()).await.unwrap();
         assert_eq!(stored.spec, expected.spec, "{}", path.display());
         seen += 1;
     }
-    assert!(
-        seen >= 5,
-        "examples/ should hold at least five policies, found {seen}"
-    );
+    assert!(seen >= 5, "examples/ should hold at least five policies, found {seen}");
 }
 
 #[tokio::test]
@@ -133,10 +127,7 @@ async fn the_apiserver_applies_defaults() {
         .unwrap();
     assert_eq!(created.data["spec"]["mode"], "Enforce");
     assert_eq!(created.data["spec"]["priority"], 0);
-    let typed: KeepalivePolicy = Api::all(cp.client().await.unwrap())
-        .get("defaults")
-        .await
-        .unwrap();
+    let typed: KeepalivePolicy = Api::all(cp.client().await.unwrap()).get("defaults").await.unwrap();
     assert_eq!(typed.spec.mode, Mode::Enforce);
     assert_eq!(typed.spec.keepalive.dead_peer_seconds(), 110);
 }
@@ -260,10 +251,7 @@ async fn invalid_policies_are_rejected_naming_the_field() {
             Err(e) => failures.push(format!("{name}: unexpected error {e}")),
         }
         // Nothing of a rejected policy is stored.
-        assert!(
-            api.get_opt(&name).await.unwrap().is_none(),
-            "{name} was stored"
-        );
+        assert!(api.get_opt(&name).await.unwrap().is_none(), "{name} was stored");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -280,10 +268,7 @@ async fn kubectl_get_prints_the_columns() {
     }))
     .unwrap();
     let policy = KeepalivePolicy::new("printer-columns", spec);
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
+    policies.create(&PostParams::default(), &policy).await.unwrap();
     // Status is a subresource: the controller writes it with server-side apply.
     let status = json!({
         "apiVersion": "keepalive.dev/v1alpha1",
@@ -300,13 +285,8 @@ async fn kubectl_get_prints_the_columns() {
         .unwrap();
 
     for resource in ["keepalivepolicies", "kap", "keepalivepolicy.keepalive.dev"] {
-        let out = cp
-            .kubectl_output(&["get", resource, "printer-columns"])
-            .unwrap();
-        let lines: Vec<Vec<&str>> = out
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
+        let out = cp.kubectl_output(&["get", resource, "printer-columns"]).unwrap();
+        let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
             [

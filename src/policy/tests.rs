@@ -24,10 +24,7 @@ fn set(policies: Vec<PolicyEntry>) -> PolicySet {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn pod(value: serde_json::Value) -> Pod {
@@ -203,10 +200,7 @@ fn a_higher_priority_policy_that_does_not_select_the_pod_is_passed_over() {
 
 #[test]
 fn negative_priority_loses_to_default() {
-    let ps = set(vec![
-        policy("a-low", json!({"priority": -100})),
-        policy("b", json!({})),
-    ]);
+    let ps = set(vec![policy("a-low", json!({"priority": -100})), policy("b", json!({}))]);
     assert_eq!(run(&ps, &[], &plain_pod()).policy.unwrap().name, "b");
 }
 
@@ -217,10 +211,7 @@ fn namespace_selector_match_labels() {
         json!({"namespaceSelector": {"matchLabels": {"team": "payments"}}}),
     )]);
     assert_eq!(
-        run(&ps, &[("team", "payments")], &plain_pod())
-            .policy
-            .unwrap()
-            .name,
+        run(&ps, &[("team", "payments")], &plain_pod()).policy.unwrap().name,
         "a"
     );
     assert_eq!(run(&ps, &[("team", "search")], &plain_pod()).policy, None);
@@ -234,13 +225,9 @@ fn match_expressions_in_notin_exists_doesnotexist() {
         if !values.is_null() {
             r["values"] = values;
         }
-        set(vec![policy(
-            "a",
-            json!({"podSelector": {"matchExpressions": [r]}}),
-        )])
+        set(vec![policy("a", json!({"podSelector": {"matchExpressions": [r]}}))])
     };
-    let with_tier =
-        |t: &str| pod(json!({"metadata": {"labels": {"tier": t}}, "spec": {"containers": []}}));
+    let with_tier = |t: &str| pod(json!({"metadata": {"labels": {"tier": t}}, "spec": {"containers": []}}));
     let without = plain_pod();
 
     let ps = sel("In", json!(["gold", "silver"]));
@@ -272,19 +259,14 @@ fn all_requirements_and_labels_must_hold() {
         json!({"podSelector": {"matchLabels": {"app": "web"},
                "matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}}),
     )]);
-    let both = pod(
-        json!({"metadata": {"labels": {"app": "web", "tier": "gold"}}, "spec": {"containers": []}}),
-    );
+    let both = pod(json!({"metadata": {"labels": {"app": "web", "tier": "gold"}}, "spec": {"containers": []}}));
     assert!(run(&ps, &[], &both).policy.is_some());
     assert!(run(&ps, &[], &plain_pod()).policy.is_none());
 }
 
 #[test]
 fn empty_selector_matches_everything() {
-    let ps = set(vec![policy(
-        "a",
-        json!({"podSelector": {}, "namespaceSelector": {}}),
-    )]);
+    let ps = set(vec![policy("a", json!({"podSelector": {}, "namespaceSelector": {}}))]);
     assert!(run(&ps, &[("x", "y")], &plain_pod()).policy.is_some());
 }
 
@@ -304,12 +286,8 @@ fn ignored_namespace_is_skipped() {
 #[test]
 fn ignored_pod_is_skipped() {
     let ps = set(vec![policy("a", json!({}))]);
-    let p =
-        pod(json!({"metadata": {"labels": {IGNORE_LABEL: "true"}}, "spec": {"containers": []}}));
-    assert_eq!(
-        run(&ps, &[], &p).outcome,
-        Outcome::Skipped(Skip::PodIgnored)
-    );
+    let p = pod(json!({"metadata": {"labels": {IGNORE_LABEL: "true"}}, "spec": {"containers": []}}));
+    assert_eq!(run(&ps, &[], &p).outcome, Outcome::Skipped(Skip::PodIgnored));
 }
 
 #[test]
@@ -329,10 +307,7 @@ fn hostnetwork_pod_is_skipped() {
 fn windows_pod_is_skipped() {
     let ps = set(vec![policy("a", json!({}))]);
     let p = pod(json!({"metadata": {}, "spec": {"containers": [], "os": {"name": "windows"}}}));
-    assert_eq!(
-        run(&ps, &[], &p).outcome,
-        Outcome::Skipped(Skip::Unsupported)
-    );
+    assert_eq!(run(&ps, &[], &p).outcome, Outcome::Skipped(Skip::Unsupported));
     let p = pod(json!({"metadata": {}, "spec": {"containers": [], "os": {"name": "linux"}}}));
     assert!(matches!(run(&ps, &[], &p).outcome, Outcome::Mutate(_)));
 }
@@ -376,18 +351,12 @@ fn pod_security_pinned_before_1_29_is_skipped() {
         ("pod-security.kubernetes.io/enforce", "baseline"),
         ("pod-security.kubernetes.io/enforce-version", "v1.29"),
     ];
-    assert!(matches!(
-        run(&ps, &fine, &plain_pod()).outcome,
-        Outcome::Mutate(_)
-    ));
+    assert!(matches!(run(&ps, &fine, &plain_pod()).outcome, Outcome::Mutate(_)));
     let latest = [
         ("pod-security.kubernetes.io/enforce", "restricted"),
         ("pod-security.kubernetes.io/enforce-version", "latest"),
     ];
-    assert!(matches!(
-        run(&ps, &latest, &plain_pod()).outcome,
-        Outcome::Mutate(_)
-    ));
+    assert!(matches!(run(&ps, &latest, &plain_pod()).outcome, Outcome::Mutate(_)));
     let privileged = [
         ("pod-security.kubernetes.io/enforce", "privileged"),
         ("pod-security.kubernetes.io/enforce-version", "v1.20"),
@@ -417,14 +386,9 @@ fn index_finds_policies_selected_by_namespace_or_pod_labels() {
         json!({"priority": -2, "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}}),
     ));
     let ps = set(policies);
-    let p = |labels: serde_json::Value| {
-        pod(json!({"metadata": {"labels": labels}, "spec": {"containers": []}}))
-    };
+    let p = |labels: serde_json::Value| pod(json!({"metadata": {"labels": labels}, "spec": {"containers": []}}));
     assert_eq!(
-        run(&ps, &[], &p(json!({"app": "app-123"})))
-            .policy
-            .unwrap()
-            .name,
+        run(&ps, &[], &p(json!({"app": "app-123"}))).policy.unwrap().name,
         "p0123"
     );
     assert_eq!(
@@ -441,10 +405,7 @@ fn index_finds_policies_selected_by_namespace_or_pod_labels() {
             .name,
         "p0009"
     );
-    assert_eq!(
-        run(&ps, &[], &p(json!({"tier": "b"}))).policy.unwrap().name,
-        "in"
-    );
+    assert_eq!(run(&ps, &[], &p(json!({"tier": "b"}))).policy.unwrap().name, "in");
     assert_eq!(run(&ps, &[], &p(json!({"tier": "c"}))).policy, None);
 }
 
@@ -478,11 +439,7 @@ fn index_agrees_with_a_linear_scan() {
         labels(&[("app", "db"), ("tier", "gold")]),
         labels(&[("tier", "silver")]),
     ];
-    let ns_sets = [
-        labels(&[]),
-        labels(&[("team", "x")]),
-        labels(&[("team", "y")]),
-    ];
+    let ns_sets = [labels(&[]), labels(&[("team", "x")]), labels(&[("team", "y")])];
     for pod_labels in &label_sets {
         for ns in &ns_sets {
             let linear = ps
@@ -522,17 +479,8 @@ fn patch_creates_security_context_and_annotations_when_absent() {
 fn patch_replaces_the_whole_sysctls_list_and_keeps_other_annotations() {
     let mut p = pod_with_sysctls(&[sysctl("kernel.shm_rmid_forced", "1")]);
     p.metadata.annotations = Some([("team".to_string(), "x".to_string())].into());
-    p.spec
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .run_as_user = Some(1000);
-    let want = vec![
-        sysctl("kernel.shm_rmid_forced", "1"),
-        sysctl(SYSCTL_TIME, "5"),
-    ];
+    p.spec.as_mut().unwrap().security_context.as_mut().unwrap().run_as_user = Some(1000);
+    let want = vec![sysctl("kernel.shm_rmid_forced", "1"), sysctl(SYSCTL_TIME, "5")];
     let ops = patch_operations("", &p.metadata, p.spec.as_ref().unwrap(), "pol", &want);
     let mut doc = serde_json::to_value(&p).unwrap();
     json_patch::patch(&mut doc, &ops).unwrap();

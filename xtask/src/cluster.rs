@@ -20,8 +20,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 use crate::tools;
@@ -43,8 +43,7 @@ pub struct ControlPlane {
 pub fn shared() -> &'static ControlPlane {
     static SHARED: OnceLock<ControlPlane> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let cp = ControlPlane::start()
-            .unwrap_or_else(|e| panic!("starting the local control plane: {e:#}"));
+        let cp = ControlPlane::start().unwrap_or_else(|e| panic!("starting the local control plane: {e:#}"));
         register_exit_cleanup(cp.dir.path());
         cp
     })
@@ -100,11 +99,8 @@ impl ControlPlane {
     /// An admin client.
     pub async fn client(&self) -> Result<kube::Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
         Ok(kube::Client::try_from(config)?)
     }
 
@@ -193,11 +189,7 @@ impl ControlPlane {
             if out.status.success() && out.stdout.starts_with(b"ok") {
                 return Ok(());
             }
-            if let Some(status) = self
-                .apiserver
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.apiserver.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!(
                     "kube-apiserver exited with {status}:\n{}",
                     log_tail(&d.join("kube-apiserver.log"))
@@ -233,16 +225,10 @@ impl ControlPlane {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !etcd_healthy(self.etcd_port) {
             if let Some(status) = self.etcd.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!(
-                    "etcd exited with {status}:\n{}",
-                    log_tail(&d.join("etcd.log"))
-                );
+                bail!("etcd exited with {status}:\n{}", log_tail(&d.join("etcd.log")));
             }
             if Instant::now() > deadline {
-                bail!(
-                    "etcd not healthy after 30 s:\n{}",
-                    log_tail(&d.join("etcd.log"))
-                );
+                bail!("etcd not healthy after 30 s:\n{}", log_tail(&d.join("etcd.log")));
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -251,9 +237,8 @@ impl ControlPlane {
 
     fn write_kubeconfig(&self) -> Result<()> {
         let d = self.dir.path();
-        let b64 = |f: &str| -> Result<String> {
-            Ok(base64::engine::general_purpose::STANDARD.encode(fs::read(d.join(f))?))
-        };
+        let b64 =
+            |f: &str| -> Result<String> { Ok(base64::engine::general_purpose::STANDARD.encode(fs::read(d.join(f))?)) };
         let config = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    \
              certificate-authority-data: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {crt}\n    \
@@ -304,23 +289,14 @@ fn write_pki(dir: &Path) -> Result<()> {
     ])?;
     serving.distinguished_name = name("kube-apiserver", None);
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    fs::write(
-        dir.join("apiserver.crt"),
-        serving.signed_by(&serving_key, &ca)?.pem(),
-    )?;
-    write_private(
-        &dir.join("apiserver.key"),
-        serving_key.serialize_pem().as_bytes(),
-    )?;
+    fs::write(dir.join("apiserver.crt"), serving.signed_by(&serving_key, &ca)?.pem())?;
+    write_private(&dir.join("apiserver.key"), serving_key.serialize_pem().as_bytes())?;
 
     let admin_key = KeyPair::generate()?;
     let mut admin = CertificateParams::new(Vec::<String>::new())?;
     admin.distinguished_name = name("admin", Some("system:masters"));
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    fs::write(
-        dir.join("admin.crt"),
-        admin.signed_by(&admin_key, &ca)?.pem(),
-    )?;
+    fs::write(dir.join("admin.crt"), admin.signed_by(&admin_key, &ca)?.pem())?;
     write_private(&dir.join("admin.key"), admin_key.serialize_pem().as_bytes())?;
 
     let sa_key = KeyPair::generate()?;
@@ -356,18 +332,23 @@ pub fn free_port() -> Result<u16> {
 }
 
 fn etcd_healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.contains("\"health\":\"true\"")
+    http_get(port, "/health").is_some_and(|(_, body)| body.contains("\"health\":\"true\""))
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1: the status code and the body, or None when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 fn log_tail(path: &Path) -> String {
@@ -386,9 +367,7 @@ static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Spawns `cmd` so that it dies with this process, with stdout and stderr appended to `log`.
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
-    cmd.stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
+    cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
     let program = cmd.get_program().to_string_lossy().into_owned();
     let child = spawn_tied(cmd).with_context(|| format!("starting {program}"))?;
     LIVE.lock().unwrap().push(child.id());
@@ -425,8 +404,7 @@ fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
         .unwrap()
         .send((cmd, tx))
         .map_err(|_| std::io::Error::other("spawner thread gone"))?;
-    rx.recv()
-        .map_err(|_| std::io::Error::other("spawner thread gone"))?
+    rx.recv().map_err(|_| std::io::Error::other("spawner thread gone"))?
 }
 
 /// Stops a child: SIGTERM, then SIGKILL after a grace period; always reaped.

@@ -16,14 +16,11 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.iter().any(|a| a == "--hold")),
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
-        Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>())
-            .map(|d| {
-                println!("{}", d.display());
-            }),
+        Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
+            println!("{}", d.display());
+        }),
         _ => {
-            eprintln!(
-                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | cluster | tools [NAME...]"
-            );
+            eprintln!("usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | cluster | tools [NAME...]");
             return ExitCode::from(2);
         }
     };
@@ -57,21 +54,12 @@ fn cargo() -> Command {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    step(
-        "Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)",
-    );
+    step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
     let bin = tools::build(&[])?;
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
     run(cargo()
         .args(["test", "--workspace"])
@@ -80,9 +68,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn start_control_plane() -> Result<ControlPlane> {
-    step(
-        "Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)",
-    );
+    step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
     tools::build(&[])?;
     step("Starting a local control plane: etcd + kube-apiserver on loopback");
     let cp = ControlPlane::start()?;
@@ -96,17 +82,11 @@ fn demo(hold: bool) -> Result<()> {
     let cp = start_control_plane()?;
     let examples = tools::repo_root().join("examples");
     step("Applying the example policies (examples/)");
-    print!(
-        "{}",
-        cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?
-    );
+    print!("{}", cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?);
     step("kubectl get kap");
     print!("{}", cp.kubectl_output(&["get", "kap"])?);
     step("kubectl get kap aws-nlb -o yaml (the stored policy, defaults applied)");
-    print!(
-        "{}",
-        cp.kubectl_output(&["get", "kap", "aws-nlb", "-o", "yaml"])?
-    );
+    print!("{}", cp.kubectl_output(&["get", "kap", "aws-nlb", "-o", "yaml"])?);
     step("An invalid policy is rejected by the apiserver, naming the field");
     let bad = cp.work_dir().join("invalid.yaml");
     std::fs::write(
@@ -114,10 +94,7 @@ fn demo(hold: bool) -> Result<()> {
         "apiVersion: keepalive.dev/v1alpha1\nkind: KeepalivePolicy\nmetadata:\n  name: too-late\nspec:\n  \
          idleTimeoutSeconds: 350\n  keepalive: {time: 7200, interval: 75, probes: 9}\n",
     )?;
-    let out = cp
-        .kubectl()
-        .args(["apply", "-f", bad.to_str().unwrap()])
-        .output()?;
+    let out = cp.kubectl().args(["apply", "-f", bad.to_str().unwrap()]).output()?;
     print!("{}", String::from_utf8_lossy(&out.stderr));
     // SAFETY: isatty(3) only inspects the descriptor.
     if hold || unsafe { libc::isatty(0) } == 1 {

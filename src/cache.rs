@@ -1,0 +1,141 @@
+//! Watch-driven in-memory caches: the policies (as a ready-to-query [`PolicySet`]) and namespace labels.
+//! Requests read them without any API call.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    core::PartialObjectMeta,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+
+use crate::{
+    api::KeepalivePolicy,
+    metrics::{CacheLabels, Metrics},
+    policy::PolicySet,
+};
+
+/// The caches shared by the webhook and the controller.
+pub struct Caches {
+    policies: ArcSwap<PolicySet>,
+    policies_synced: AtomicBool,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    namespaces_synced: AtomicBool,
+}
+
+impl Caches {
+    /// Starts the watches; the caches fill in the background. `ready()` turns true once both are synced.
+    pub fn start(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (ns_store, ns_writer) = reflector::store();
+        let caches = Arc::new(Caches {
+            policies: ArcSwap::from_pointee(PolicySet::default()),
+            policies_synced: AtomicBool::new(false),
+            namespaces: ns_store,
+            namespaces_synced: AtomicBool::new(false),
+        });
+
+        let (policy_store, policy_writer) = reflector::store::<KeepalivePolicy>();
+        let policy_events = reflector::reflector(
+            policy_writer,
+            watcher(Api::<KeepalivePolicy>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff();
+        let c = caches.clone();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(policy_events);
+            loop {
+                match events.try_next().await {
+                    Ok(Some(watcher::Event::InitDone)) => c.policies_synced.store(true, Ordering::Release),
+                    Ok(Some(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "policy watch failed; retrying");
+                        continue;
+                    }
+                }
+                if c.policies_synced.load(Ordering::Acquire) {
+                    let state = policy_store.state();
+                    m.cache_objects
+                        .get_or_create(&CacheLabels { cache: "policies" })
+                        .set(state.len() as i64);
+                    c.policies
+                        .store(Arc::new(PolicySet::from_policies(state.iter().map(|p| p.as_ref()))));
+                    tracing::debug!(policies = state.len(), "policy set rebuilt");
+                }
+            }
+        });
+
+        let ns_events = reflector::reflector(
+            ns_writer,
+            watcher(
+                Api::<PartialObjectMeta<Namespace>>::all(client),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff();
+        let c = caches.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(ns_events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => c.namespaces_synced.store(true, Ordering::Release),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "namespace watch failed; retrying"),
+                }
+                metrics
+                    .cache_objects
+                    .get_or_create(&CacheLabels { cache: "namespaces" })
+                    .set(c.namespaces.len() as i64);
+            }
+        });
+        caches
+    }
+
+    /// Both caches have completed their initial list.
+    pub fn ready(&self) -> bool {
+        self.policies_synced.load(Ordering::Acquire) && self.namespaces_synced.load(Ordering::Acquire)
+    }
+
+    /// The current policies, ready to query.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.load_full()
+    }
+
+    /// Labels of a namespace, if it is in the cache.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces
+            .get(&ObjectRef::new(name))
+            .map(|ns| ns.metadata.labels.clone().unwrap_or_default())
+    }
+
+    /// Labels of a namespace; when it is not cached yet (created a moment ago, its watch event still on the
+    /// way), waits for it up to `patience`.
+    pub async fn namespace_labels_within(&self, name: &str, patience: Duration) -> Option<BTreeMap<String, String>> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if let Some(labels) = self.namespace_labels(name) {
+                return Some(labels);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}

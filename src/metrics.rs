@@ -1,0 +1,93 @@
+//! Prometheus metrics: one registry, exposed on `/metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache: &'static str,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// Admission reviews by outcome: mutated, unchanged, skipped, undecided, invalid.
+    pub webhook_requests: Family<OutcomeLabels, Counter>,
+    /// Pods mutated, by policy.
+    pub webhook_mutations: Family<PolicyLabels, Counter>,
+    /// Time to answer one admission review.
+    pub webhook_duration: Histogram,
+    /// Objects held by each watch-driven cache.
+    pub cache_objects: Family<CacheLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keepalive");
+        let webhook_requests = Family::<OutcomeLabels, Counter>::default();
+        let webhook_mutations = Family::<PolicyLabels, Counter>::default();
+        // 50 µs .. ~0.4 s
+        let webhook_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            5e-5, 2.5, 11,
+        ));
+        let cache_objects = Family::<CacheLabels, Gauge>::default();
+        registry.register(
+            "webhook_requests",
+            "Admission reviews answered, by outcome",
+            webhook_requests.clone(),
+        );
+        registry.register(
+            "webhook_mutations",
+            "Pods mutated, by policy",
+            webhook_mutations.clone(),
+        );
+        registry.register(
+            "webhook_request_duration_seconds",
+            "Time to answer one admission review",
+            webhook_duration.clone(),
+        );
+        registry.register(
+            "cache_objects",
+            "Objects held by each watch-driven cache",
+            cache_objects.clone(),
+        );
+        Metrics {
+            registry,
+            webhook_requests,
+            webhook_mutations,
+            webhook_duration,
+            cache_objects,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, outcome: &'static str) {
+        self.webhook_requests.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// The registry, for parts that register their own metrics.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
