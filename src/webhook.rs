@@ -4,7 +4,7 @@
 //! be decided (caches not synced, a namespace not seen yet, an internal error) is allowed without a patch, with a
 //! warning and a metric. The decision itself is [`policy::decide`].
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -23,7 +23,7 @@ use kube::core::{
 use crate::{
     cache::Caches,
     metrics::{Metrics, PolicyLabels},
-    policy::{self, ClusterFacts, Outcome, PodFacts, Skip},
+    policy::{self, ClusterFacts, Outcome, PodFacts, PolicySet, Skip},
 };
 
 /// How long a review waits for a namespace that is not in the cache yet.
@@ -123,44 +123,15 @@ impl Webhook {
             return self.undecided(allow, &format!("namespace {namespace} not in the cache"));
         };
         let policies = self.caches.policies();
-        let decision = policy::decide(
-            &policies,
-            &namespace_labels,
-            &PodFacts::new(&pod.metadata, pod.spec.as_ref()),
-            self.cluster,
-        );
-        let pod_name = pod
-            .metadata
-            .name
-            .as_deref()
-            .or(pod.metadata.generate_name.as_deref())
-            .unwrap_or("");
-        tracing::debug!(namespace, pod = pod_name, dry_run = req.dry_run, "{decision}");
-        match (&decision.outcome, decision.mutation()) {
-            (_, Some((policy_name, sysctls))) => {
-                let spec = pod.spec.clone().unwrap_or_default();
-                let ops = policy::patch_operations("", &pod.metadata, &spec, policy_name, sysctls);
-                match allow.clone().with_patch(json_patch::Patch(ops)) {
-                    Ok(patched) => {
-                        self.metrics
-                            .webhook_mutations
-                            .get_or_create(&PolicyLabels {
-                                policy: policy_name.into(),
-                            })
-                            .inc();
-                        ("mutated", patched)
-                    }
-                    Err(e) => self.undecided(allow, &format!("serializing the patch: {e}")),
-                }
-            }
-            (Outcome::Skipped(Skip::NoPolicy | Skip::NamespaceIgnored | Skip::PodIgnored), _) => ("unchanged", allow),
-            (Outcome::Skipped(skip), _) => {
-                let policy = decision.policy.map(|p| p.name.as_str()).unwrap_or_default();
-                let warning = format!("keepalive-operator: policy {policy} not applied: {skip}");
-                ("skipped", with_warning(allow, warning))
-            }
-            _ => ("unchanged", allow),
+        let (outcome, response) = answer(req, pod, &policies, &namespace_labels, self.cluster);
+        if outcome == "mutated" {
+            let policy = response.audit_annotations.get("policy").cloned().unwrap_or_default();
+            self.metrics
+                .webhook_mutations
+                .get_or_create(&PolicyLabels { policy })
+                .inc();
         }
+        (outcome, response)
     }
 
     fn undecided(&self, allow: AdmissionResponse, why: &str) -> (&'static str, AdmissionResponse) {
@@ -172,6 +143,65 @@ impl Webhook {
                 format!("keepalive-operator: keepalive sysctls not injected: {why}"),
             ),
         )
+    }
+}
+
+/// The answer to a pod CREATE, given the policies and the namespace's labels: the metric outcome and the
+/// response. Pure; never fails (a patch that cannot be serialized leaves the pod unchanged, with a warning).
+pub fn answer(
+    req: &AdmissionRequest<Pod>,
+    pod: &Pod,
+    policies: &PolicySet,
+    namespace_labels: &BTreeMap<String, String>,
+    cluster: ClusterFacts,
+) -> (&'static str, AdmissionResponse) {
+    let allow = AdmissionResponse::from(req);
+    let decision = policy::decide(
+        policies,
+        namespace_labels,
+        &PodFacts::new(&pod.metadata, pod.spec.as_ref()),
+        cluster,
+    );
+    let pod_name = pod
+        .metadata
+        .name
+        .as_deref()
+        .or(pod.metadata.generate_name.as_deref())
+        .unwrap_or("");
+    tracing::debug!(
+        namespace = req.namespace.as_deref(),
+        pod = pod_name,
+        dry_run = req.dry_run,
+        "{decision}"
+    );
+    match (&decision.outcome, decision.mutation()) {
+        (_, Some((policy_name, sysctls))) => {
+            let spec = pod.spec.clone().unwrap_or_default();
+            let ops = policy::patch_operations("", &pod.metadata, &spec, policy_name, sysctls);
+            match allow.clone().with_patch(json_patch::Patch(ops)) {
+                Ok(mut patched) => {
+                    // Recorded in the audit log as keepalive.dev/policy (the webhook's name is prefixed).
+                    patched.audit_annotations.insert("policy".into(), policy_name.into());
+                    ("mutated", patched)
+                }
+                Err(e) => (
+                    "undecided",
+                    with_warning(allow, format!("keepalive-operator: serializing the patch: {e}")),
+                ),
+            }
+        }
+        (Outcome::Skipped(Skip::NoPolicy | Skip::NamespaceIgnored | Skip::PodIgnored), _) => ("unchanged", allow),
+        (Outcome::Skipped(skip), _) => {
+            let policy = decision.policy.map(|p| p.name.as_str()).unwrap_or_default();
+            (
+                "skipped",
+                with_warning(
+                    allow,
+                    format!("keepalive-operator: policy {policy} not applied: {skip}"),
+                ),
+            )
+        }
+        _ => ("unchanged", allow),
     }
 }
 

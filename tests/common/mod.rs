@@ -1,0 +1,235 @@
+//! Shared fixtures of the integration tests: the control plane with the CRDs, the operator as a real process,
+//! webhook registrations, namespaces and pods.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Namespace, Pod},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::json;
+use xtask::{ControlPlane, cluster};
+
+/// The shared control plane with the committed CRDs installed.
+pub fn control_plane() -> &'static ControlPlane {
+    static READY: OnceLock<()> = OnceLock::new();
+    let cp = xtask::shared();
+    READY.get_or_init(|| cp.install_crds().expect("installing the committed CRDs"));
+    cp
+}
+
+/// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`: (ca.crt, tls.crt, tls.key).
+pub fn write_serving_cert(dir: &Path) -> (String, PathBuf, PathBuf) {
+    let pki = keepalive_operator::certs::issue(&["127.0.0.1".to_string(), "localhost".to_string()], None).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, &pki.cert).unwrap();
+    std::fs::write(&key, &pki.key).unwrap();
+    (pki.ca, cert, key)
+}
+
+/// `keepalive-operator controller` as a real process against the control plane. Killed on drop.
+pub struct Operator {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts the operator with `args` (besides the listen addresses) and waits until /readyz answers ok.
+    pub fn start(cp: &ControlPlane, name: &str, args: &[&str]) -> Operator {
+        let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
+        let log = cp.work_dir().join(format!("operator-{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
+        cmd.arg("controller")
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+            .args(args)
+            .env("KUBECONFIG", cp.kubeconfig())
+            .env("RUST_LOG", "info,keepalive_operator=debug");
+        let child = cluster::spawn_logged(cmd, &log).unwrap();
+        let mut op = Operator {
+            child: Some(child),
+            port,
+            admin_port,
+            log,
+        };
+        op.wait_ready();
+        op
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, body)) = cluster::http_get(self.admin_port, "/readyz")
+                && body.starts_with("ok")
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("operator exited with {status}:\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator not ready after 60 s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/mutate", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics` of the admin port.
+    pub fn metrics(&self) -> String {
+        cluster::http_get(self.admin_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            cluster::kill(child);
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Registers a mutating webhook for pod CREATE at `url`, limited to namespaces labelled `scope=<value>`, with
+/// the defaults the chart uses (failurePolicy Ignore, short timeout, reinvocation IfNeeded).
+pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: Option<&str>, scope: &str) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let mut client_config = json!({ "url": url });
+    if let Some(ca) = ca_pem {
+        client_config["caBundle"] = json!(k8s_openapi::ByteString(ca.as_bytes().to_vec()));
+    }
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": name },
+        "webhooks": [{
+            "name": "pods.keepalive.dev",
+            "clientConfig": client_config,
+            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
+            "failurePolicy": "Ignore",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "IfNeeded",
+            "namespaceSelector": { "matchLabels": { "scope": scope } },
+            "objectSelector": { "matchExpressions": [{ "key": "keepalive.dev/ignore", "operator": "NotIn", "values": ["true"] }] },
+        }],
+    }))
+    .unwrap();
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    api.create(&PostParams::default(), &config).await.unwrap();
+}
+
+/// Creates a namespace with labels.
+pub async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) {
+    let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+}
+
+/// Creates a pod from a JSON spec fragment merged into a minimal pod; returns what the apiserver stored.
+pub async fn create_pod(client: &Client, ns: &str, name: &str, extra: serde_json::Value) -> kube::Result<Pod> {
+    let mut pod = json!({
+        "metadata": { "name": name },
+        "spec": { "containers": [{ "name": "app", "image": "registry.invalid/app:1" }] },
+    });
+    merge(&mut pod, extra);
+    let pod: Pod = serde_json::from_value(pod).unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+}
+
+fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// The pod's sysctls as (name, value) pairs.
+pub fn sysctls(pod: &Pod) -> Vec<(String, String)> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|sc| sc.sysctls.as_ref())
+        .map(|l| l.iter().map(|s| (s.name.clone(), s.value.clone())).collect())
+        .unwrap_or_default()
+}
+
+pub fn policy_annotation(pod: &Pod) -> Option<String> {
+    pod.metadata.annotations.as_ref()?.get("keepalive.dev/policy").cloned()
+}
+
+pub fn keepalive(time: i32, intvl: i32, probes: i32) -> Vec<(String, String)> {
+    vec![
+        ("net.ipv4.tcp_keepalive_time".into(), time.to_string()),
+        ("net.ipv4.tcp_keepalive_intvl".into(), intvl.to_string()),
+        ("net.ipv4.tcp_keepalive_probes".into(), probes.to_string()),
+    ]
+}
+
+/// Creates a KeepalivePolicy from a spec.
+pub async fn create_policy(client: &Client, name: &str, spec: serde_json::Value) {
+    let policy: keepalive_operator::api::KeepalivePolicy = serde_json::from_value(json!({
+        "apiVersion": "keepalive.dev/v1alpha1", "kind": "KeepalivePolicy", "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    Api::<keepalive_operator::api::KeepalivePolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+}
+
+/// Polls `check` every 100 ms until it returns Some, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
