@@ -494,7 +494,7 @@ fn pod_security_block(namespace_labels: &BTreeMap<String, String>) -> Option<Ski
 pub fn patch_operations(
     prefix: &str,
     meta: &ObjectMeta,
-    spec: &PodSpec,
+    spec: Option<&PodSpec>,
     policy: &str,
     sysctls: &[Sysctl],
 ) -> Vec<PatchOperation> {
@@ -506,14 +506,17 @@ pub fn patch_operations(
     };
     let sysctls_json = serde_json::to_value(sysctls).expect("sysctls serialize");
     let mut ops = Vec::with_capacity(2);
-    if spec.security_context.is_some() {
+    let security_context = serde_json::json!({ "sysctls": sysctls_json });
+    match spec {
         // `add` replaces an existing member: the list is atomic, so it is written whole.
-        ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json));
-    } else {
-        ops.push(add(
-            format!("{prefix}/spec/securityContext"),
-            serde_json::json!({ "sysctls": sysctls_json }),
-        ));
+        Some(spec) if spec.security_context.is_some() => {
+            ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json))
+        }
+        Some(_) => ops.push(add(format!("{prefix}/spec/securityContext"), security_context)),
+        None => ops.push(add(
+            format!("{prefix}/spec"),
+            serde_json::json!({ "securityContext": security_context }),
+        )),
     }
     if meta.annotations.is_some() {
         ops.push(add(

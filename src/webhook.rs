@@ -176,8 +176,7 @@ pub fn answer(
     );
     match (&decision.outcome, decision.mutation()) {
         (_, Some((policy_name, sysctls))) => {
-            let spec = pod.spec.clone().unwrap_or_default();
-            let ops = policy::patch_operations("", &pod.metadata, &spec, policy_name, sysctls);
+            let ops = policy::patch_operations("", &pod.metadata, pod.spec.as_ref(), policy_name, sysctls);
             match allow.clone().with_patch(json_patch::Patch(ops)) {
                 Ok(mut patched) => {
                     // Recorded in the audit log as keepalive.dev/policy (the webhook's name is prefixed).

@@ -465,3 +465,50 @@ impl TapMkdir for std::path::PathBuf {
         self
     }
 }
+
+#[tokio::test]
+async fn offline_apply_makes_the_same_mutation_as_the_webhook() {
+    shared_operator();
+    let client = control_plane().client().await.unwrap();
+    namespace(&client, "agree", &[("scope", "webhook"), ("test", "agree")]).await;
+    let spec = json!({"mode": "Fill", "namespaceSelector": {"matchLabels": {"test": "agree"}},
+        "keepalive": {"time": 70, "interval": 7, "probes": 4}});
+    create_policy(&client, "agree", spec.clone()).await;
+    let pod_extra = json!({"metadata": {"labels": {"app": "db"}, "annotations": {"team": "x"}},
+        "spec": {"securityContext": {"sysctls": [{"name": "net.ipv4.tcp_keepalive_probes", "value": "9"},
+                                                  {"name": "kernel.shm_rmid_forced", "value": "1"}]}}});
+    let via_webhook = eventually(Duration::from_secs(10), "the policy to apply", || async {
+        let pod = create_dry_run(&client, "agree", pod_extra.clone()).await;
+        policy_annotation(&pod).is_some().then_some(pod)
+    })
+    .await;
+
+    let policy = json!({"apiVersion": "keepalive.dev/v1alpha1", "kind": "KeepalivePolicy",
+        "metadata": {"name": "agree"}, "spec": spec});
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "agree"}, "spec": {"containers": [{"name": "app", "image": "x"}]}});
+    for (k, v) in pod_extra.as_object().unwrap() {
+        pod[k].as_object_mut().unwrap().extend(v.as_object().unwrap().clone());
+    }
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "agree", "labels": {"scope": "webhook", "test": "agree"}}});
+    let dir = control_plane().work_dir();
+    std::fs::write(dir.join("agree-policy.yaml"), serde_yaml::to_string(&policy).unwrap()).unwrap();
+    let resources = format!("{}---\n{}", serde_yaml::to_string(&ns).unwrap(), serde_yaml::to_string(&pod).unwrap());
+    std::fs::write(dir.join("agree-resources.yaml"), resources).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
+        .args(["apply", "-p"])
+        .arg(dir.join("agree-policy.yaml"))
+        .arg("-r")
+        .arg(dir.join("agree-resources.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let offline: Vec<Pod> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|p: &Pod| p.spec.is_some())
+        .collect();
+    assert_eq!(offline.len(), 1);
+    assert_eq!(sysctls(&offline[0]), sysctls(&via_webhook));
+    assert_eq!(offline[0].metadata.annotations, via_webhook.metadata.annotations);
+}
