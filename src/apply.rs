@@ -157,7 +157,12 @@ pub fn run(policies: &[Input], resources: &[Input], cluster: ClusterFacts) -> Re
             );
             report.push(format!("{kind} {namespace}/{name}: {decision}"));
             if let Some((policy_name, sysctls)) = decision.mutation() {
-                let ops = policy::patch_operations(pointer, &meta, typed.spec.as_ref(), policy_name, sysctls);
+                let ops = policy::patch_operations(
+                    pointer,
+                    policy::Shape::of(&meta, typed.spec.as_ref()),
+                    policy_name,
+                    sysctls,
+                );
                 json_patch::patch(&mut doc, &ops).map_err(|e| invalid(format!("applying the patch: {e}")))?;
             }
         }

@@ -488,16 +488,30 @@ fn pod_security_block(namespace_labels: &BTreeMap<String, String>) -> Option<Ski
     })
 }
 
+/// Which parts of a pod (or pod template) exist: what a patch must create and what it may extend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub has_metadata: bool,
+    pub has_spec: bool,
+    pub has_security_context: bool,
+    pub has_annotations: bool,
+}
+
+impl Shape {
+    pub fn of(meta: &ObjectMeta, spec: Option<&PodSpec>) -> Self {
+        Shape {
+            has_metadata: true,
+            has_spec: spec.is_some(),
+            has_security_context: spec.is_some_and(|s| s.security_context.is_some()),
+            has_annotations: meta.annotations.is_some(),
+        }
+    }
+}
+
 /// JSON Patch operations that set a pod's (or pod template's) sysctls to `sysctls` and annotate it with the
 /// policy. `prefix` is the JSON pointer of the pod template within the patched object: "" for a Pod,
 /// "/spec/template" for a Deployment.
-pub fn patch_operations(
-    prefix: &str,
-    meta: &ObjectMeta,
-    spec: Option<&PodSpec>,
-    policy: &str,
-    sysctls: &[Sysctl],
-) -> Vec<PatchOperation> {
+pub fn patch_operations(prefix: &str, shape: Shape, policy: &str, sysctls: &[Sysctl]) -> Vec<PatchOperation> {
     let add = |path: String, value: Value| {
         PatchOperation::Add(AddOperation {
             path: PointerBuf::parse(path).expect("a valid JSON pointer"),
@@ -507,18 +521,23 @@ pub fn patch_operations(
     let sysctls_json = serde_json::to_value(sysctls).expect("sysctls serialize");
     let mut ops = Vec::with_capacity(2);
     let security_context = serde_json::json!({ "sysctls": sysctls_json });
-    match spec {
+    if shape.has_security_context {
         // `add` replaces an existing member: the list is atomic, so it is written whole.
-        Some(spec) if spec.security_context.is_some() => {
-            ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json))
-        }
-        Some(_) => ops.push(add(format!("{prefix}/spec/securityContext"), security_context)),
-        None => ops.push(add(
+        ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json));
+    } else if shape.has_spec {
+        ops.push(add(format!("{prefix}/spec/securityContext"), security_context));
+    } else {
+        ops.push(add(
             format!("{prefix}/spec"),
             serde_json::json!({ "securityContext": security_context }),
-        )),
+        ));
     }
-    if meta.annotations.is_some() {
+    if !shape.has_metadata {
+        ops.push(add(
+            format!("{prefix}/metadata"),
+            serde_json::json!({ "annotations": { POLICY_ANNOTATION: policy } }),
+        ));
+    } else if shape.has_annotations {
         ops.push(add(
             format!("{prefix}/metadata/annotations/keepalive.dev~1policy"),
             Value::from(policy),

@@ -173,9 +173,15 @@ fn handle(body: &[u8]) {
     assert!(response.allowed, "the webhook never denies");
     assert_eq!(response.uid, request.uid);
     if outcome == "mutated" {
-        let patch: json_patch::Patch = serde_json::from_slice(response.patch.as_ref().unwrap()).unwrap();
-        let mut doc = serde_json::to_value(pod).unwrap();
-        json_patch::patch(&mut doc, &patch).expect("the patch applies to the pod it was made for");
+        let patch = response.json_patch().expect("a mutation carries a JSON patch");
+        let mut review: Value = serde_json::from_slice(body).unwrap();
+        let object = review.pointer_mut("/request/object").unwrap();
+        json_patch::patch(object, &patch).expect("the patch applies to the object the apiserver sent");
+        let sysctls = object
+            .pointer("/spec/securityContext/sysctls")
+            .and_then(Value::as_array)
+            .unwrap();
+        assert!(sysctls.iter().any(|s| s["name"] == "net.ipv4.tcp_keepalive_time"));
     }
 }
 

@@ -17,12 +17,19 @@ fn apply(args: &[&str], stdin: Option<&str>) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 fn docs(yaml: &[u8]) -> Vec<Value> {
-    serde_yaml::Deserializer::from_slice(yaml).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect()
+    serde_yaml::Deserializer::from_slice(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
 }
 
 const RESOURCES: &str = r#"
@@ -69,7 +76,14 @@ spec: {ports: [{port: 80}]}
 #[test]
 fn applies_examples_to_pods_and_pod_templates_in_input_order() {
     let out = apply(
-        &["-p", "examples/aws-nlb.yaml", "--policy", "examples/namespace-scoped.yaml", "-r", "-"],
+        &[
+            "-p",
+            "examples/aws-nlb.yaml",
+            "--policy",
+            "examples/namespace-scoped.yaml",
+            "-r",
+            "-",
+        ],
         Some(RESOURCES),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -80,7 +94,10 @@ fn applies_examples_to_pods_and_pod_templates_in_input_order() {
 
     // Fill (payments-database-clients): the template's own time stays, the rest is added.
     let template = &docs[0]["spec"]["template"];
-    assert_eq!(template["metadata"]["annotations"]["keepalive.dev/policy"], "payments-database-clients");
+    assert_eq!(
+        template["metadata"]["annotations"]["keepalive.dev/policy"],
+        "payments-database-clients"
+    );
     let sysctls: Vec<(&str, &str)> = template["spec"]["securityContext"]["sysctls"]
         .as_array()
         .unwrap()
@@ -96,16 +113,29 @@ fn applies_examples_to_pods_and_pod_templates_in_input_order() {
         ]
     );
     // Batch pods are excluded by the policy's NotIn requirement.
-    assert!(docs[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"].get("securityContext").is_none());
+    assert!(
+        docs[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            .get("securityContext")
+            .is_none()
+    );
     // A Pod without namespace is in `default`; aws-nlb selects it by pod label.
     assert_eq!(docs[3]["spec"]["securityContext"]["sysctls"][0]["value"], "300");
     assert_eq!(docs[4], serde_yaml::from_str::<Value>("apiVersion: v1\nkind: Service\nmetadata: {name: checkout, namespace: payments}\nspec: {ports: [{port: 80}]}").unwrap());
 
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
-    assert!(lines[0].starts_with("Deployment payments/checkout: policy payments-database-clients: set"), "{stderr}");
-    assert_eq!(lines[1], "CronJob payments/report: unchanged: no policy selects the pod");
-    assert!(lines[2].starts_with("Pod default/edge: policy aws-nlb: set net.ipv4.tcp_keepalive_time=300"), "{stderr}");
+    assert!(
+        lines[0].starts_with("Deployment payments/checkout: policy payments-database-clients: set"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lines[1],
+        "CronJob payments/report: unchanged: no policy selects the pod"
+    );
+    assert!(
+        lines[2].starts_with("Pod default/edge: policy aws-nlb: set net.ipv4.tcp_keepalive_time=300"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -117,8 +147,14 @@ fn invalid_policy_prints_nothing_and_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("-: document 1: KeepalivePolicy \"aws-nlb\" is invalid"), "{stderr}");
-    assert!(stderr.contains("spec.keepalive.time must be less than spec.idleTimeoutSeconds"), "{stderr}");
+    assert!(
+        stderr.contains("-: document 1: KeepalivePolicy \"aws-nlb\" is invalid"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.keepalive.time must be less than spec.idleTimeoutSeconds"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -126,7 +162,10 @@ fn unreadable_or_unparsable_input_names_the_file() {
     let out = apply(&["-p", "examples/aws-nlb.yaml", "-r", "does/not/exist.yaml"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does/not/exist.yaml"));
-    let out = apply(&["-p", "examples/aws-nlb.yaml", "-r", "-"], Some("kind: Pod\n---\n{unclosed: [\n"));
+    let out = apply(
+        &["-p", "examples/aws-nlb.yaml", "-r", "-"],
+        Some("kind: Pod\n---\n{unclosed: [\n"),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("-: document 2:"));
@@ -134,13 +173,25 @@ fn unreadable_or_unparsable_input_names_the_file() {
 
 #[test]
 fn old_cluster_gets_nothing_unless_kubelets_allow_it() {
-    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {keepalive.dev/lb: aws-nlb}}\nspec: {containers: []}\n";
-    let out = apply(&["-p", "examples/aws-nlb.yaml", "-r", "-", "--kubernetes-version", "1.28"], Some(pod));
+    let pod =
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {keepalive.dev/lb: aws-nlb}}\nspec: {containers: []}\n";
+    let out = apply(
+        &["-p", "examples/aws-nlb.yaml", "-r", "-", "--kubernetes-version", "1.28"],
+        Some(pod),
+    );
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped (ClusterTooOld)"));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("sysctls"));
     let out = apply(
-        &["-p", "examples/aws-nlb.yaml", "-r", "-", "--kubernetes-version", "1.28", "--kubelet-allows-keepalive-sysctls"],
+        &[
+            "-p",
+            "examples/aws-nlb.yaml",
+            "-r",
+            "-",
+            "--kubernetes-version",
+            "1.28",
+            "--kubelet-allows-keepalive-sysctls",
+        ],
         Some(pod),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("net.ipv4.tcp_keepalive_time"));

@@ -494,7 +494,11 @@ async fn offline_apply_makes_the_same_mutation_as_the_webhook() {
         "metadata": {"name": "agree", "labels": {"scope": "webhook", "test": "agree"}}});
     let dir = control_plane().work_dir();
     std::fs::write(dir.join("agree-policy.yaml"), serde_yaml::to_string(&policy).unwrap()).unwrap();
-    let resources = format!("{}---\n{}", serde_yaml::to_string(&ns).unwrap(), serde_yaml::to_string(&pod).unwrap());
+    let resources = format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&ns).unwrap(),
+        serde_yaml::to_string(&pod).unwrap()
+    );
     std::fs::write(dir.join("agree-resources.yaml"), resources).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
         .args(["apply", "-p"])

@@ -459,7 +459,12 @@ fn index_agrees_with_a_linear_scan() {
 #[test]
 fn patch_creates_security_context_and_annotations_when_absent() {
     let p = plain_pod();
-    let ops = patch_operations("", &p.metadata, p.spec.as_ref(), "a", &keepalive("1", "2", "3"));
+    let ops = patch_operations(
+        "",
+        Shape::of(&p.metadata, p.spec.as_ref()),
+        "a",
+        &keepalive("1", "2", "3"),
+    );
     let mut doc = serde_json::to_value(&p).unwrap();
     json_patch::patch(&mut doc, &ops).unwrap();
     assert_eq!(
@@ -475,7 +480,7 @@ fn patch_replaces_the_whole_sysctls_list_and_keeps_other_annotations() {
     p.metadata.annotations = Some([("team".to_string(), "x".to_string())].into());
     p.spec.as_mut().unwrap().security_context.as_mut().unwrap().run_as_user = Some(1000);
     let want = vec![sysctl("kernel.shm_rmid_forced", "1"), sysctl(SYSCTL_TIME, "5")];
-    let ops = patch_operations("", &p.metadata, p.spec.as_ref(), "pol", &want);
+    let ops = patch_operations("", Shape::of(&p.metadata, p.spec.as_ref()), "pol", &want);
     let mut doc = serde_json::to_value(&p).unwrap();
     json_patch::patch(&mut doc, &ops).unwrap();
     assert_eq!(
