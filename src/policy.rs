@@ -427,10 +427,10 @@ pub fn decide<'p>(
     if pod.labels.get(IGNORE_LABEL).is_some_and(|v| v == "true") {
         return skipped(None, Skip::PodIgnored);
     }
-    let Some(policy) = policies.winner(namespace_labels, pod.labels) else {
+    let Some(winner) = policies.winner(namespace_labels, pod.labels) else {
         return skipped(None, Skip::NoPolicy);
     };
-    let policy = Some(policy);
+    let policy = Some(winner);
     if pod.host_network {
         return skipped(policy, Skip::HostNetwork);
     }
@@ -443,7 +443,7 @@ pub fn decide<'p>(
     if !cluster.keepalive_sysctls_safe {
         return skipped(policy, Skip::ClusterTooOld);
     }
-    let spec = &policy.unwrap().spec;
+    let spec = &winner.spec;
     let fill = spec.mode == Mode::Fill;
     let mut sysctls = pod.sysctls.to_vec();
     let mut changed = false;

@@ -61,10 +61,39 @@ fn test(extra: &[String]) -> Result<()> {
     step("cargo clippy -D warnings");
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
-    run(cargo()
+    let mut child = cargo()
         .args(["test", "--workspace"])
         .args(extra)
-        .env("KEEPALIVE_BIN_DIR", &bin))
+        .env("KEEPALIVE_BIN_DIR", &bin)
+        .current_dir(tools::repo_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up the per-binary results into one closing line.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
 }
 
 fn start_control_plane() -> Result<ControlPlane> {
