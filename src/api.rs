@@ -214,6 +214,9 @@ pub struct KeepalivePolicyStatus {
     /// Matched pods that run with this policy's keepalive values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conformant_pods: Option<i32>,
+    /// Non-conformant matched pods, by reason (NotMutated, PodOverride, HostNetwork, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub violation_counts: BTreeMap<String, i32>,
     /// `Ready` (policy accepted, caches synced) and `Conformant` (every matched pod conforms).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -29,26 +29,42 @@ use crate::{
     policy::PolicySet,
 };
 
+/// What changed among the namespaces.
+pub enum NamespaceChanges {
+    /// Every namespace with its labels (after a relist).
+    All(Vec<(String, BTreeMap<String, String>)>),
+    /// These namespaces changed: their labels now, `None` when deleted.
+    Some(Vec<(Option<BTreeMap<String, String>>, String)>),
+}
+
 /// The caches shared by the webhook and the controller.
 pub struct Caches {
     policies: ArcSwap<PolicySet>,
     policies_synced: AtomicBool,
+    policy_objects: Option<Store<KeepalivePolicy>>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     namespaces_synced: AtomicBool,
+    /// Namespaces whose labels may have changed since the last [`Caches::take_namespace_changes`]; `None` inside
+    /// means "all of them" (a relist).
+    namespace_changes: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
+    changed: tokio::sync::Notify,
 }
 
 impl Caches {
     /// Starts the watches; the caches fill in the background. `ready()` turns true once both are synced.
     pub fn start(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
         let (ns_store, ns_writer) = reflector::store();
+        let (policy_store, policy_writer) = reflector::store::<KeepalivePolicy>();
         let caches = Arc::new(Caches {
             policies: ArcSwap::from_pointee(PolicySet::default()),
             policies_synced: AtomicBool::new(false),
+            policy_objects: Some(policy_store.clone()),
             namespaces: ns_store,
             namespaces_synced: AtomicBool::new(false),
+            namespace_changes: std::sync::Mutex::new(None),
+            changed: tokio::sync::Notify::new(),
         });
 
-        let (policy_store, policy_writer) = reflector::store::<KeepalivePolicy>();
         let policy_events = reflector::reflector(
             policy_writer,
             watcher(Api::<KeepalivePolicy>::all(client.clone()), watcher::Config::default()),
@@ -93,8 +109,20 @@ impl Caches {
         tokio::spawn(async move {
             let mut events = std::pin::pin!(ns_events);
             while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::InitDone) => c.namespaces_synced.store(true, Ordering::Release),
+                match &event {
+                    Ok(watcher::Event::InitDone) => {
+                        c.namespaces_synced.store(true, Ordering::Release);
+                        *c.namespace_changes.lock().unwrap() = None;
+                        c.changed.notify_one();
+                    }
+                    Ok(watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) => {
+                        if let (Some(name), Some(changes)) =
+                            (ns.metadata.name.as_ref(), c.namespace_changes.lock().unwrap().as_mut())
+                        {
+                            changes.insert(name.clone());
+                        }
+                        c.changed.notify_one();
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "namespace watch failed; retrying"),
                 }
@@ -122,8 +150,41 @@ impl Caches {
         Caches {
             policies: ArcSwap::from_pointee(policies),
             policies_synced: AtomicBool::new(true),
+            policy_objects: None,
             namespaces: store,
             namespaces_synced: AtomicBool::new(true),
+            namespace_changes: std::sync::Mutex::new(None),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Completes at the next change of policies or namespaces.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The stored policy object, with its status.
+    pub fn policy(&self, name: &str) -> Option<Arc<KeepalivePolicy>> {
+        self.policy_objects.as_ref()?.get(&ObjectRef::new(name))
+    }
+
+    /// Namespaces whose labels may have changed since the last call: `Changes::All` after a relist.
+    pub fn take_namespace_changes(&self) -> NamespaceChanges {
+        let mut guard = self.namespace_changes.lock().unwrap();
+        match guard.replace(Default::default()) {
+            None => NamespaceChanges::All(
+                self.namespaces
+                    .state()
+                    .iter()
+                    .filter_map(|ns| {
+                        Some((
+                            ns.metadata.name.clone()?,
+                            ns.metadata.labels.clone().unwrap_or_default(),
+                        ))
+                    })
+                    .collect(),
+            ),
+            Some(names) => NamespaceChanges::Some(names.into_iter().map(|n| (self.namespace_labels(&n), n)).collect()),
         }
     }
 

@@ -1,5 +1,5 @@
-//! `keepalive-operator controller`: the long-running process. Today it serves the admission webhook from
-//! watch-driven caches; the conformance controller joins it here.
+//! `keepalive-operator controller`: the long-running process. Every replica serves the admission webhook from
+//! the shared watch-driven caches; the elected leader also runs the conformance reports into policy status.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -28,6 +28,8 @@ pub struct Args {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub leader: crate::leader::LeaderArgs,
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -55,11 +57,23 @@ pub async fn run(args: Args) -> Result<()> {
     let caches = Caches::start(client.clone(), metrics.clone());
     let certs = certs::start(&args.tls, client.clone()).await?;
     let webhook = Arc::new(Webhook {
-        caches,
+        caches: caches.clone(),
         cluster,
-        metrics,
+        metrics: metrics.clone(),
     });
     let router = webhook::router(webhook.clone());
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let election = tokio::spawn(crate::leader::run(
+        client.clone(),
+        args.tls.namespace.clone(),
+        args.leader.clone(),
+        leading_tx,
+        stopped.clone(),
+    ));
+    let reconciler = crate::reconcile::Reconciler::new(client.clone(), caches, cluster, metrics);
+    let reconciling = tokio::spawn(reconciler.run(leading, stopped));
 
     let listener = server::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, version = %version.git_version, "webhook serving");
@@ -71,6 +85,12 @@ pub async fn run(args: Args) -> Result<()> {
         }
         None => https.await,
     }
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = election.await;
+        let _ = reconciling.await;
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -17,6 +17,13 @@ pub struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodStateLabels {
+    pub policy: String,
+    /// matched, conformant, or a non-conformance reason.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     pub cache: &'static str,
 }
@@ -32,6 +39,14 @@ pub struct Metrics {
     pub webhook_duration: Histogram,
     /// Objects held by each watch-driven cache.
     pub cache_objects: Family<CacheLabels, Gauge>,
+    /// Pods per policy and state (matched, conformant, or a reason).
+    pub policy_pods: Family<PodStateLabels, Gauge>,
+    /// Time of one status pass of the controller.
+    pub reconcile_duration: Histogram,
+    /// Status writes, by result (written, unchanged, failed).
+    pub status_writes: Family<OutcomeLabels, Counter>,
+    /// 1 while this replica leads (writes status).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,12 +79,34 @@ impl Default for Metrics {
             "Objects held by each watch-driven cache",
             cache_objects.clone(),
         );
+        let policy_pods = Family::<PodStateLabels, Gauge>::default();
+        registry.register("policy_pods", "Pods per policy and state", policy_pods.clone());
+        let reconcile_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            1e-4, 3.0, 10,
+        ));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one status pass",
+            reconcile_duration.clone(),
+        );
+        let status_writes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "status_writes",
+            "Policy status writes, by result",
+            status_writes.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica writes status", leader.clone());
         Metrics {
             registry,
             webhook_requests,
             webhook_mutations,
             webhook_duration,
             cache_objects,
+            policy_pods,
+            reconcile_duration,
+            status_writes,
+            leader,
         }
     }
 }

@@ -472,6 +472,61 @@ pub fn decide<'p>(
     Decision { policy, outcome }
 }
 
+/// Whether a pod runs with its policy's keepalive values, as far as its declared sysctls tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Conformant,
+    /// Not conformant: a CamelCase reason (NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
+    /// PodSecurityBlocks) and a message for the status.
+    Violation {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The conformance verdict that follows from a decision: which policy owns the pod and whether the pod conforms.
+/// `None` when no policy owns the pod (no match, or opted out). The controller judges with this, so the webhook,
+/// `apply` and the status can never disagree about which policy owns a pod.
+pub fn assess<'p>(decision: &Decision<'p>, pod: &PodFacts<'_>) -> Option<(&'p PolicyEntry, Verdict)> {
+    let policy = decision.policy?;
+    let verdict = match &decision.outcome {
+        Outcome::Skipped(skip) => Verdict::Violation {
+            reason: skip.reason(),
+            message: skip.to_string(),
+        },
+        Outcome::AlreadySet => {
+            let differing: Vec<String> = KEEPALIVE_SYSCTLS
+                .iter()
+                .filter_map(|name| {
+                    let wanted = policy.spec.keepalive.value_of(name)?;
+                    let own = pod.sysctls.iter().find(|s| s.name == *name)?;
+                    (!same_value(&own.value, wanted)).then(|| format!("{name}={} (policy: {wanted})", own.value))
+                })
+                .collect();
+            if differing.is_empty() {
+                Verdict::Conformant
+            } else {
+                Verdict::Violation {
+                    reason: "PodOverride",
+                    message: format!("Fill mode keeps the pod's own values: {}", differing.join(", ")),
+                }
+            }
+        }
+        Outcome::Mutate(wanted) => Verdict::Violation {
+            reason: "NotMutated",
+            message: format!(
+                "the pod lacks {} (created before the policy, or while the webhook was down or bypassed); recreate it",
+                describe(wanted)
+            ),
+        },
+        Outcome::Audit(wanted) => Verdict::Violation {
+            reason: "NotMutated",
+            message: format!("Audit: Enforce would set {}", describe(wanted)),
+        },
+    };
+    Some((policy, verdict))
+}
+
 /// A namespace whose Pod Security `enforce` level (baseline or restricted) is pinned to a version before v1.29
 /// rejects pods with the keepalive sysctls.
 fn pod_security_block(namespace_labels: &BTreeMap<String, String>) -> Option<Skip> {

@@ -1,0 +1,187 @@
+//! Incremental tallies agree with a full recompute, and the status says what the tallies say.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::*;
+use crate::policy::PolicyEntry;
+
+fn policies(specs: &[(&str, serde_json::Value)]) -> Arc<PolicySet> {
+    Arc::new(PolicySet::new(specs.iter().map(|(name, spec)| {
+        let mut spec = spec.clone();
+        spec["keepalive"] = json!({"time": 60, "interval": 10, "probes": 3});
+        PolicyEntry {
+            name: name.to_string(),
+            generation: Some(1),
+            spec: serde_json::from_value(spec).unwrap(),
+        }
+    })))
+}
+
+fn pod(ns: &str, name: &str, labels: &[(&str, &str)], time: Option<&str>) -> LeanPod {
+    let mut sysctls = Vec::new();
+    if let Some(t) = time {
+        for (n, v) in [
+            ("net.ipv4.tcp_keepalive_time", t),
+            ("net.ipv4.tcp_keepalive_intvl", "10"),
+            ("net.ipv4.tcp_keepalive_probes", "3"),
+        ] {
+            sysctls.push(Sysctl {
+                name: n.into(),
+                value: v.into(),
+            });
+        }
+    }
+    LeanPod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        sysctls,
+        phase: Some("Running".into()),
+        ..Default::default()
+    }
+}
+
+fn assert_consistent(c: &mut Conformance) {
+    let incremental: Vec<_> = c.policies().entries().iter().map(|e| c.summary(&e.name)).collect();
+    c.recompute_all();
+    let full: Vec<_> = c.policies().entries().iter().map(|e| c.summary(&e.name)).collect();
+    assert_eq!(incremental, full);
+}
+
+#[test]
+fn pods_are_counted_per_winning_policy_with_reasons() {
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[
+        (
+            "web",
+            json!({"priority": 1, "podSelector": {"matchLabels": {"app": "web"}}}),
+        ),
+        ("all", json!({})),
+        (
+            "fill",
+            json!({"priority": 2, "mode": "Fill", "podSelector": {"matchLabels": {"app": "db"}}}),
+        ),
+    ]));
+    c.upsert_pod(pod("a", "web-1", &[("app", "web")], Some("60")));
+    c.upsert_pod(pod("a", "web-2", &[("app", "web")], None));
+    c.upsert_pod(pod("a", "other", &[], Some("60")));
+    c.upsert_pod(pod("b", "db", &[("app", "db")], Some("7200")));
+    let mut hn = pod("b", "hostnet", &[], None);
+    hn.host_network = true;
+    c.upsert_pod(hn);
+    let mut done = pod("b", "finished", &[], None);
+    done.phase = Some("Succeeded".into());
+    c.upsert_pod(done);
+
+    let web = c.summary("web").unwrap();
+    assert_eq!((web.matched, web.conformant), (2, 1));
+    assert_eq!(web.by_reason, [("NotMutated".to_string(), 1)].into());
+    assert_eq!(web.violations[0].name, "web-2");
+    assert!(
+        web.violations[0].message.contains("recreate"),
+        "{}",
+        web.violations[0].message
+    );
+    let all = c.summary("all").unwrap();
+    assert_eq!((all.matched, all.conformant), (2, 1), "terminated pods are not counted");
+    assert_eq!(all.by_reason, [("HostNetwork".to_string(), 1)].into());
+    let fill = c.summary("fill").unwrap();
+    assert_eq!(fill.by_reason, [("PodOverride".to_string(), 1)].into());
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn deleting_and_changing_pods_updates_only_their_policies() {
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[
+        ("x", json!({"podSelector": {"matchLabels": {"app": "x"}}})),
+        ("y", json!({})),
+    ]));
+    c.take_dirty();
+    c.upsert_pod(pod("a", "p", &[("app", "x")], None));
+    assert_eq!(c.take_dirty(), vec![Arc::<str>::from("x")]);
+    // Relabelled: moves from x to y.
+    c.upsert_pod(pod("a", "p", &[("app", "z")], Some("60")));
+    let mut dirty = c.take_dirty();
+    dirty.sort();
+    assert_eq!(dirty, vec![Arc::<str>::from("x"), Arc::<str>::from("y")]);
+    assert_eq!(c.summary("x").unwrap().matched, 0);
+    assert_eq!(c.summary("y").unwrap().conformant, 1);
+    c.remove_pod(&(Arc::from("a"), Arc::from("p")));
+    assert_eq!(c.summary("y").unwrap().matched, 0);
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn namespace_labels_and_policy_changes_rejudge_pods() {
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[(
+        "team",
+        json!({"namespaceSelector": {"matchLabels": {"team": "t"}}}),
+    )]));
+    c.upsert_pod(pod("a", "p", &[], Some("60")));
+    assert_eq!(c.summary("team").unwrap().matched, 0);
+    c.set_namespace("a", [("team".to_string(), "t".to_string())].into());
+    assert_eq!(c.summary("team").unwrap().conformant, 1);
+    // New values: the pod no longer conforms until recreated.
+    let mut changed = (*policies(&[("team", json!({"namespaceSelector": {"matchLabels": {"team": "t"}}}))])).clone();
+    let entries: Vec<PolicyEntry> = changed
+        .entries()
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.spec.keepalive.time = 30;
+            e
+        })
+        .collect();
+    changed = PolicySet::new(entries);
+    c.set_policies(Arc::new(changed));
+    assert_eq!(
+        c.summary("team").unwrap().by_reason,
+        [("NotMutated".to_string(), 1)].into()
+    );
+    c.remove_namespace("a");
+    assert_eq!(
+        c.summary("team").unwrap().matched,
+        0,
+        "a deleted namespace has no labels"
+    );
+    assert!(c.summary("gone").is_none());
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn status_conditions_and_transition_times() {
+    let t0 = Time(k8s_openapi::jiff::Timestamp::from_second(1_000_000).unwrap());
+    let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(2_000_000).unwrap());
+    let summary = Summary {
+        matched: 3,
+        conformant: 1,
+        by_reason: [("NotMutated".into(), 2)].into(),
+        violations: vec![],
+    };
+    let s0 = status(&summary, Some(4), ClusterFacts::default(), None, &t0);
+    assert_eq!(s0.observed_generation, Some(4));
+    let conformant = s0.conditions.iter().find(|c| c.type_ == "Conformant").unwrap();
+    assert_eq!(
+        (conformant.status.as_str(), conformant.reason.as_str()),
+        ("False", "PodsDoNotConform")
+    );
+    assert_eq!(conformant.message, "2 of 3 matched pods do not conform: 2 NotMutated");
+    let s1 = status(&summary, Some(4), ClusterFacts::default(), Some(&s0), &t1);
+    assert!(same_report(&s0, &s1), "only lastEvaluated differs");
+    assert_eq!(s1.conditions[1].last_transition_time, t0, "no transition, time kept");
+    let fixed = Summary {
+        matched: 3,
+        conformant: 3,
+        by_reason: Default::default(),
+        violations: vec![],
+    };
+    let s2 = status(&fixed, Some(4), ClusterFacts::default(), Some(&s1), &t1);
+    assert_eq!(s2.conditions[1].status, "True");
+    assert_eq!(s2.conditions[1].last_transition_time, t1);
+    let old = status(&fixed, Some(4), ClusterFacts::from_version("1", "28", false), None, &t1);
+    assert_eq!(old.conditions[0].reason, "ClusterTooOld");
+}

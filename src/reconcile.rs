@@ -1,0 +1,267 @@
+//! The conformance controller's I/O shell: feeds [`Conformance`] from the pod watch and the shared caches, and
+//! (on the leader only) writes each changed policy status by server-side apply — only when the report changed,
+//! at most once per [`MIN_WRITE_INTERVAL`] per policy — with an Event on every condition transition.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+use tokio::sync::watch;
+
+use crate::{
+    api::{KeepalivePolicy, KeepalivePolicyStatus},
+    cache::{Caches, NamespaceChanges},
+    certs::FIELD_MANAGER,
+    conformance::{self, Conformance, LeanPod},
+    metrics::{CacheLabels, Metrics, OutcomeLabels, PodStateLabels},
+    policy::ClusterFacts,
+};
+
+/// A policy's status is written at most this often, however fast its pods churn.
+pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_millis(500);
+
+pub struct Reconciler {
+    client: Client,
+    caches: Arc<Caches>,
+    cluster: ClusterFacts,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    state: Conformance,
+    pods_synced: bool,
+    /// Policies waiting for a write, and when each was last written.
+    pending: std::collections::HashSet<Arc<str>>,
+    last_write: HashMap<Arc<str>, Instant>,
+    /// What this replica last wrote or saw, per policy: to skip unchanged writes and detect transitions.
+    last_status: HashMap<String, KeepalivePolicyStatus>,
+}
+
+impl Reconciler {
+    pub fn new(client: Client, caches: Arc<Caches>, cluster: ClusterFacts, metrics: Arc<Metrics>) -> Self {
+        let instance = std::env::var("POD_NAME").ok();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance,
+            },
+        );
+        Reconciler {
+            client,
+            caches,
+            cluster,
+            metrics,
+            recorder,
+            state: Conformance::new(cluster),
+            pods_synced: false,
+            pending: Default::default(),
+            last_write: Default::default(),
+            last_status: Default::default(),
+        }
+    }
+
+    /// Runs until `shutdown` fires. Watches pods itself; policies and namespaces come from the shared caches.
+    pub async fn run(mut self, leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+        let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        let mut pods = std::pin::pin!(pods);
+        let mut relist: Vec<LeanPod> = Vec::new();
+        let mut tick = tokio::time::interval(TICK);
+        let mut policies = self.caches.policies();
+        loop {
+            tokio::select! {
+                event = pods.next() => match event {
+                    Some(Ok(watcher::Event::Init)) => relist.clear(),
+                    Some(Ok(watcher::Event::InitApply(pod))) => relist.extend(LeanPod::from_pod(pod)),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        self.state.replace_pods(std::mem::take(&mut relist));
+                        self.pods_synced = true;
+                    }
+                    Some(Ok(watcher::Event::Apply(pod))) => {
+                        if let Some(pod) = LeanPod::from_pod(pod) {
+                            self.state.upsert_pod(pod);
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(pod))) => {
+                        if let Some(pod) = LeanPod::from_pod(pod) {
+                            self.state.remove_pod(&pod.key());
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+                    None => return,
+                },
+                _ = self.caches.changed() => {
+                    let current = self.caches.policies();
+                    if !Arc::ptr_eq(&current, &policies) {
+                        policies = current.clone();
+                        self.state.set_policies(current);
+                    }
+                    match self.caches.take_namespace_changes() {
+                        NamespaceChanges::All(all) => self.state.replace_namespaces(all),
+                        NamespaceChanges::Some(changes) => {
+                            for (labels, name) in changes {
+                                match labels {
+                                    Some(labels) => self.state.set_namespace(&name, labels),
+                                    None => self.state.remove_namespace(&name),
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.metrics.cache_objects.get_or_create(&CacheLabels { cache: "pods" }).set(self.state.pod_count() as i64);
+                    let leader = *leading.borrow();
+                    self.metrics.leader.set(i64::from(leader));
+                    if leader && self.pods_synced && self.caches.ready() {
+                        self.write_statuses().await;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn write_statuses(&mut self) {
+        self.pending.extend(self.state.take_dirty());
+        // A policy never written by this replica (new, or a new leader) is written once even without changes.
+        for entry in self.state.policies().entries() {
+            if !self.last_status.contains_key(&entry.name) {
+                self.pending.insert(Arc::from(entry.name.as_str()));
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<Arc<str>> = self
+            .pending
+            .iter()
+            .filter(|p| {
+                self.last_write
+                    .get(*p)
+                    .is_none_or(|t| now.duration_since(*t) >= MIN_WRITE_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let start = Instant::now();
+        let api: Api<KeepalivePolicy> = Api::all(self.client.clone());
+        let stamp = Time(Timestamp::now());
+        for name in due {
+            self.pending.remove(&name);
+            let (Some(summary), Some(object)) = (self.state.summary(&name), self.caches.policy(&name)) else {
+                // Deleted meanwhile: nothing to write.
+                self.last_status.remove(&*name);
+                continue;
+            };
+            self.record_metrics(&name, &summary);
+            let previous = self.last_status.get(&*name).cloned().or_else(|| object.status.clone());
+            let status = conformance::status(
+                &summary,
+                object.meta().generation,
+                self.cluster,
+                previous.as_ref(),
+                &stamp,
+            );
+            if previous.as_ref().is_some_and(|p| conformance::same_report(p, &status)) {
+                self.last_status.insert(name.to_string(), status);
+                self.metrics
+                    .status_writes
+                    .get_or_create(&OutcomeLabels { outcome: "unchanged" })
+                    .inc();
+                continue;
+            }
+            let patch = serde_json::json!({
+                "apiVersion": "keepalive.dev/v1alpha1",
+                "kind": "KeepalivePolicy",
+                "status": status,
+            });
+            match api
+                .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    self.metrics
+                        .status_writes
+                        .get_or_create(&OutcomeLabels { outcome: "written" })
+                        .inc();
+                    self.last_write.insert(name.clone(), Instant::now());
+                    self.publish_transitions(&object, previous.as_ref(), &status).await;
+                    self.last_status.insert(name.to_string(), status);
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    self.last_status.remove(&*name);
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %name, error = %e, "writing status failed; will retry");
+                    self.metrics
+                        .status_writes
+                        .get_or_create(&OutcomeLabels { outcome: "failed" })
+                        .inc();
+                    self.pending.insert(name);
+                }
+            }
+        }
+        self.metrics.reconcile_duration.observe(start.elapsed().as_secs_f64());
+    }
+
+    fn record_metrics(&self, policy: &str, summary: &conformance::Summary) {
+        let set = |state: &str, n: i32| {
+            self.metrics
+                .policy_pods
+                .get_or_create(&PodStateLabels {
+                    policy: policy.into(),
+                    state: state.into(),
+                })
+                .set(i64::from(n));
+        };
+        set("matched", summary.matched);
+        set("conformant", summary.conformant);
+        for (reason, n) in &summary.by_reason {
+            set(reason, *n);
+        }
+    }
+
+    /// One Event per condition whose status changed.
+    async fn publish_transitions(
+        &self,
+        policy: &KeepalivePolicy,
+        previous: Option<&KeepalivePolicyStatus>,
+        status: &KeepalivePolicyStatus,
+    ) {
+        for condition in &status.conditions {
+            let before = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == condition.type_));
+            if before.is_some_and(|b| b.status == condition.status) {
+                continue;
+            }
+            let event = Event {
+                type_: if condition.status == "True" {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: condition.reason.clone(),
+                note: Some(format!(
+                    "{} is {}: {}",
+                    condition.type_, condition.status, condition.message
+                )),
+                action: "Evaluate".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+                tracing::warn!(error = %e, "publishing an event failed");
+            }
+        }
+    }
+}
