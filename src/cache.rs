@@ -47,7 +47,7 @@ pub struct Caches {
     /// Namespaces whose labels may have changed since the last [`Caches::take_namespace_changes`]; `None` inside
     /// means "all of them" (a relist).
     namespace_changes: std::sync::Mutex<Option<std::collections::HashSet<String>>>,
-    changed: tokio::sync::Notify,
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Caches {
@@ -62,7 +62,7 @@ impl Caches {
             namespaces: ns_store,
             namespaces_synced: AtomicBool::new(false),
             namespace_changes: std::sync::Mutex::new(None),
-            changed: tokio::sync::Notify::new(),
+            changed: tokio::sync::watch::Sender::new(0),
         });
 
         let policy_events = reflector::reflector(
@@ -92,6 +92,7 @@ impl Caches {
                         .set(state.len() as i64);
                     c.policies
                         .store(Arc::new(PolicySet::from_policies(state.iter().map(|p| p.as_ref()))));
+                    c.changed.send_modify(|n| *n += 1);
                     tracing::debug!(policies = state.len(), "policy set rebuilt");
                 }
             }
@@ -113,7 +114,7 @@ impl Caches {
                     Ok(watcher::Event::InitDone) => {
                         c.namespaces_synced.store(true, Ordering::Release);
                         *c.namespace_changes.lock().unwrap() = None;
-                        c.changed.notify_one();
+                        c.changed.send_modify(|n| *n += 1);
                     }
                     Ok(watcher::Event::Apply(ns) | watcher::Event::Delete(ns)) => {
                         if let (Some(name), Some(changes)) =
@@ -121,7 +122,7 @@ impl Caches {
                         {
                             changes.insert(name.clone());
                         }
-                        c.changed.notify_one();
+                        c.changed.send_modify(|n| *n += 1);
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "namespace watch failed; retrying"),
@@ -154,13 +155,13 @@ impl Caches {
             namespaces: store,
             namespaces_synced: AtomicBool::new(true),
             namespace_changes: std::sync::Mutex::new(None),
-            changed: tokio::sync::Notify::new(),
+            changed: tokio::sync::watch::Sender::new(0),
         }
     }
 
-    /// Completes at the next change of policies or namespaces.
-    pub async fn changed(&self) {
-        self.changed.notified().await
+    /// A receiver that sees every change of policies or namespaces (a counter; `changed()` is cancel-safe).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The stored policy object, with its status.

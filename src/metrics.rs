@@ -96,7 +96,11 @@ impl Default for Metrics {
             status_writes.clone(),
         );
         let leader = Gauge::default();
-        registry.register("leader", "1 while this replica writes status", leader.clone());
+        registry.register(
+            "leader",
+            "Whether this replica leads and writes status (1) or not (0)",
+            leader.clone(),
+        );
         Metrics {
             registry,
             webhook_requests,

@@ -79,7 +79,9 @@ impl Reconciler {
         let mut pods = std::pin::pin!(pods);
         let mut relist: Vec<LeanPod> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
-        let mut policies = self.caches.policies();
+        let mut policies = Arc::new(crate::policy::PolicySet::default());
+        let mut changes = self.caches.subscribe();
+        changes.mark_changed();
         loop {
             tokio::select! {
                 event = pods.next() => match event {
@@ -102,8 +104,9 @@ impl Reconciler {
                     Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
                     None => return,
                 },
-                _ = self.caches.changed() => {
+                _ = changes.changed() => {
                     let current = self.caches.policies();
+                    tracing::debug!(policies = current.len(), "caches changed");
                     if !Arc::ptr_eq(&current, &policies) {
                         policies = current.clone();
                         self.state.set_policies(current);
@@ -155,6 +158,7 @@ impl Reconciler {
         if due.is_empty() {
             return;
         }
+        tracing::debug!(policies = due.len(), "writing status");
         let start = Instant::now();
         let api: Api<KeepalivePolicy> = Api::all(self.client.clone());
         let stamp = Time(Timestamp::now());

@@ -104,6 +104,19 @@ impl Operator {
             .unwrap_or_default()
     }
 
+    /// SIGKILL: no clean shutdown, no lease release.
+    pub fn kill_hard(&mut self) {
+        if let Some(child) = self.child.take() {
+            cluster::kill_now(child);
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
             cluster::kill(child);

@@ -427,6 +427,14 @@ pub fn kill(mut child: Child) {
 /// Directories removed at exit (the shared control plane's, which is never dropped).
 static EXIT_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// Kills a child at once (SIGKILL, no grace period, as when its node dies) and reaps it.
+pub fn kill_now(mut child: Child) {
+    let pid = child.id();
+    let _ = child.kill();
+    let _ = child.wait();
+    LIVE.lock().unwrap().retain(|p| *p != pid);
+}
+
 fn register_exit_cleanup(dir: &Path) {
     extern "C" fn cleanup() {
         if let Ok(pids) = LIVE.lock() {

@@ -1,0 +1,326 @@
+//! The conformance controller against the real apiserver: policy status tells the truth about the pods, with the
+//! webhook running beside it; two replicas fail over; deleted namespaces and policies and a restarted apiserver
+//! do not stop it. Each test keeps to its own namespaces and policies, and elects its operators through its own
+//! Lease.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use keepalive_operator::api::{KeepalivePolicy, KeepalivePolicyStatus};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+
+async fn ensure_namespace(client: &Client, name: &str) {
+    if Api::<Namespace>::all(client.clone())
+        .get_opt(name)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        namespace(client, name, &[]).await;
+    }
+}
+
+/// Waits until the policy's status satisfies `check`; returns it.
+async fn status_where(
+    client: &Client,
+    policy: &str,
+    what: &str,
+    check: impl Fn(&KeepalivePolicyStatus) -> bool,
+) -> KeepalivePolicyStatus {
+    let api: Api<KeepalivePolicy> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), what, || async {
+        let p = api.get_opt(policy).await.ok()??;
+        p.status.filter(|s| check(s))
+    })
+    .await
+}
+
+fn counts(s: &KeepalivePolicyStatus) -> (i32, i32) {
+    (s.matched_pods.unwrap_or(-1), s.conformant_pods.unwrap_or(-1))
+}
+
+fn condition<'a>(
+    s: &'a KeepalivePolicyStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+}
+
+fn operator(cp: &xtask::ControlPlane, name: &str, extra: &[&str]) -> Operator {
+    let mut args = vec![
+        format!("--lease-name={name}"),
+        "--namespace=keepalive-system".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Operator::start(cp, name, &args)
+}
+
+#[tokio::test]
+async fn status_tells_the_truth_about_the_pods() {
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    ensure_namespace(&client, "keepalive-system").await;
+    let dir = cp.work_dir().join("truth");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_serving_cert(&dir);
+    let op = operator(
+        cp,
+        "truth",
+        &[
+            &format!("--tls-cert-file={}", cert.display()),
+            &format!("--tls-key-file={}", key.display()),
+        ],
+    );
+    register_webhook(&client, "keepalive-truth", &op.url(), Some(&ca), "truth").await;
+    namespace(&client, "truth", &[("scope", "truth"), ("test", "truth")]).await;
+    for name in ["old-1", "old-2"] {
+        create_pod(&client, "truth", name, json!({})).await.unwrap();
+    }
+    create_policy(
+        &client,
+        "truth",
+        json!({"namespaceSelector": {"matchLabels": {"test": "truth"}}, "keepalive": {"time": 50, "interval": 5, "probes": 3}}),
+    )
+    .await;
+
+    // Pods created before the policy: matched, not conformant, NotMutated.
+    let s = status_where(&client, "truth", "2 matched pods, none conformant", |s| {
+        counts(s) == (2, 0)
+    })
+    .await;
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(s.violation_counts, [("NotMutated".to_string(), 2)].into());
+    assert_eq!(
+        s.violations.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["old-1", "old-2"]
+    );
+    assert!(s.violations[0].message.contains("recreate"), "{:?}", s.violations[0]);
+    assert_eq!(condition(&s, "Conformant").status, "False");
+    assert_eq!(condition(&s, "Ready").status, "True");
+
+    // Pods created after it are mutated by the webhook and conform.
+    eventually(Duration::from_secs(10), "the webhook to know the policy", || async {
+        let pod = create_pod(&client, "truth", "new-1", json!({})).await.ok()?;
+        if sysctls(&pod).is_empty() {
+            Api::<Pod>::namespaced(client.clone(), "truth")
+                .delete("new-1", &DeleteParams::default())
+                .await
+                .ok()?;
+            return None;
+        }
+        Some(())
+    })
+    .await;
+    for name in ["new-2", "new-3"] {
+        assert!(!sysctls(&create_pod(&client, "truth", name, json!({})).await.unwrap()).is_empty());
+    }
+    status_where(&client, "truth", "5 matched, 3 conformant", |s| counts(s) == (5, 3)).await;
+
+    // Deleting a pod lowers matchedPods.
+    Api::<Pod>::namespaced(client.clone(), "truth")
+        .delete("old-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let s = status_where(&client, "truth", "4 matched, 3 conformant", |s| counts(s) == (4, 3)).await;
+    assert_eq!(s.violations.len(), 1);
+
+    // The real kubectl shows it.
+    let out = cp.kubectl_output(&["get", "kap", "truth"]).unwrap();
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[5..7], ["4", "3"], "{out}");
+
+    // New values: every existing pod is non-conformant until recreated.
+    let policies: Api<KeepalivePolicy> = Api::all(client.clone());
+    policies
+        .patch(
+            "truth",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"keepalive": {"time": 55}}})),
+        )
+        .await
+        .unwrap();
+    let s = status_where(&client, "truth", "generation 2 observed, 0 conformant", |s| {
+        s.observed_generation == Some(2) && counts(s) == (4, 0)
+    })
+    .await;
+    assert_eq!(s.violation_counts, [("NotMutated".to_string(), 4)].into());
+
+    // Events on condition transitions, on the policy.
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let found = eventually(Duration::from_secs(10), "an event on the policy", || async {
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=truth"))
+            .await
+            .ok()?;
+        (!list.items.is_empty()).then_some(list.items)
+    })
+    .await;
+    assert!(
+        found.iter().any(|e| e.reason.as_deref() == Some("PodsDoNotConform")),
+        "{found:?}"
+    );
+    assert!(
+        op.metrics()
+            .contains("keepalive_policy_pods{policy=\"truth\",state=\"matched\"} 4"),
+        "{}",
+        op.metrics()
+    );
+}
+
+#[tokio::test]
+async fn overlapping_policies_split_pods_by_priority() {
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    ensure_namespace(&client, "keepalive-system").await;
+    let _op = operator(cp, "priority", &[]);
+    namespace(&client, "prio", &[("test", "prio")]).await;
+    let ns = json!({"matchLabels": {"test": "prio"}});
+    create_policy(
+        &client,
+        "prio-low",
+        json!({"namespaceSelector": ns, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    create_policy(
+        &client,
+        "prio-high",
+        json!({"priority": 10, "namespaceSelector": ns, "podSelector": {"matchLabels": {"tier": "gold"}},
+               "keepalive": {"time": 30, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    for i in 0..5 {
+        let tier = if i < 2 { "gold" } else { "silver" };
+        create_pod(
+            &client,
+            "prio",
+            &format!("p{i}"),
+            json!({"metadata": {"labels": {"tier": tier}}}),
+        )
+        .await
+        .unwrap();
+    }
+    status_where(&client, "prio-high", "2 gold pods", |s| counts(s).0 == 2).await;
+    status_where(&client, "prio-low", "3 other pods", |s| counts(s).0 == 3).await;
+}
+
+#[tokio::test]
+async fn the_other_replica_takes_over_when_the_leader_dies() {
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    ensure_namespace(&client, "keepalive-system").await;
+    let mut a = operator(cp, "failover", &[]);
+    let mut b = operator(cp, "failover", &[]);
+    namespace(&client, "failover", &[("test", "failover")]).await;
+    create_policy(
+        &client,
+        "failover",
+        json!({"namespaceSelector": {"matchLabels": {"test": "failover"}}, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    create_pod(&client, "failover", "p0", json!({})).await.unwrap();
+    status_where(&client, "failover", "1 matched pod", |s| counts(s).0 == 1).await;
+
+    let is_leader = |op: &Operator| op.metrics().lines().any(|l| l == "keepalive_leader 1");
+    let a_leads = eventually(Duration::from_secs(20), "exactly one leader", || async {
+        match (is_leader(&a), is_leader(&b)) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        }
+    })
+    .await;
+    let (leader, other) = if a_leads { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    // SIGKILL: no clean release of the lease, as when a node dies.
+    leader.kill_hard();
+    let killed = Instant::now();
+    create_pod(&client, "failover", "p1", json!({})).await.unwrap();
+    status_where(&client, "failover", "the new leader to count the new pod", |s| {
+        counts(s).0 == 2
+    })
+    .await;
+    let failover = killed.elapsed();
+    eprintln!("failover: status updated {failover:?} after the leader was killed");
+    assert!(is_leader(other));
+    assert!(failover < Duration::from_secs(20), "failover took {failover:?}");
+}
+
+#[tokio::test]
+async fn deleted_namespaces_deleted_policies_and_a_restarted_apiserver_do_not_stop_it() {
+    // Its own control plane: the test restarts the apiserver.
+    let mut cp = xtask::ControlPlane::start().unwrap();
+    cp.install_crds().unwrap();
+    let client = cp.client().await.unwrap();
+    namespace(&client, "keepalive-system", &[]).await;
+    let mut op = operator(&cp, "resilience", &[]);
+    namespace(&client, "doomed", &[("test", "doomed")]).await;
+    create_policy(
+        &client,
+        "doomed",
+        json!({"namespaceSelector": {"matchLabels": {"test": "doomed"}}, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    create_pod(&client, "doomed", "p0", json!({})).await.unwrap();
+    status_where(&client, "doomed", "1 matched pod", |s| counts(s).0 == 1).await;
+
+    // The namespace disappears under its pod (no controller-manager runs to delete the pod first).
+    Api::<Namespace>::all(client.clone())
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    let finalize =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "doomed"}, "spec": {"finalizers": []}});
+    let file = cp.work_dir().join("finalize.json");
+    std::fs::write(&file, finalize.to_string()).unwrap();
+    cp.kubectl_output(&[
+        "replace",
+        "--raw",
+        "/api/v1/namespaces/doomed/finalize",
+        "-f",
+        file.to_str().unwrap(),
+    ])
+    .unwrap();
+    status_where(
+        &client,
+        "doomed",
+        "the orphaned pod to lose its namespace's labels",
+        |s| counts(s).0 == 0,
+    )
+    .await;
+
+    // A policy deleted right after it was created, while the controller works on it.
+    for i in 0..5 {
+        let name = format!("short-lived-{i}");
+        create_policy(
+            &client,
+            &name,
+            json!({"keepalive": {"time": 60, "interval": 5, "probes": 3}}),
+        )
+        .await;
+        Api::<KeepalivePolicy>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
+    // The apiserver goes away and comes back.
+    cp.stop_apiserver();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cp.start_apiserver().unwrap();
+    let client = cp.client().await.unwrap();
+    namespace(&client, "after", &[("test", "doomed")]).await;
+    create_pod(&client, "after", "p1", json!({})).await.unwrap();
+    status_where(&client, "doomed", "the pod created after the restart", |s| {
+        counts(s).0 == 1
+    })
+    .await;
+    assert!(op.running(), "the operator kept running:\n{}", op.logs());
+    op.stop();
+}
