@@ -23,41 +23,25 @@ use crate::{
 /// (namespace, name) of a pod.
 pub type PodKey = (Arc<str>, Arc<str>);
 
-/// What the controller keeps of a pod.
+/// What the controller keeps of a pod. Strings, label sets and sysctl lists that many pods share (pods of one
+/// ReplicaSet have identical labels) are interned: each distinct value is held once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeanPod {
-    pub uid: String,
+    /// The pod UID as a number (a UUID): see [`LeanPod::uid_string`].
+    pub uid: u128,
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    pub labels: BTreeMap<String, String>,
-    pub node: Option<String>,
+    pub labels: Arc<BTreeMap<String, String>>,
+    pub node: Option<Arc<str>>,
     pub host_network: bool,
     pub windows: bool,
-    pub sysctls: Vec<Sysctl>,
+    pub sysctls: Arc<[Sysctl]>,
     /// The `keepalive.dev/policy` annotation: which policy the webhook applied.
-    pub applied_policy: Option<String>,
-    pub phase: Option<String>,
+    pub applied_policy: Option<Arc<str>>,
+    pub phase: Option<Arc<str>>,
 }
 
 impl LeanPod {
-    /// Everything else of the Pod is dropped here.
-    pub fn from_pod(pod: Pod) -> Option<LeanPod> {
-        let meta = pod.metadata;
-        let spec = pod.spec.unwrap_or_default();
-        Some(LeanPod {
-            uid: meta.uid.unwrap_or_default(),
-            namespace: Arc::from(meta.namespace?.as_str()),
-            name: Arc::from(meta.name?.as_str()),
-            labels: meta.labels.unwrap_or_default(),
-            node: spec.node_name,
-            host_network: spec.host_network.unwrap_or(false),
-            windows: spec.os.is_some_and(|os| os.name == "windows"),
-            sysctls: spec.security_context.and_then(|sc| sc.sysctls).unwrap_or_default(),
-            applied_policy: meta.annotations.and_then(|mut a| a.remove(policy::POLICY_ANNOTATION)),
-            phase: pod.status.and_then(|s| s.phase),
-        })
-    }
-
     pub fn key(&self) -> PodKey {
         (self.namespace.clone(), self.name.clone())
     }
@@ -71,9 +55,67 @@ impl LeanPod {
         }
     }
 
+    /// The UID in its usual form (8-4-4-4-12 hex digits).
+    pub fn uid_string(&self) -> String {
+        let h = format!("{:032x}", self.uid);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
     fn terminated(&self) -> bool {
         matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
     }
+}
+
+/// Holds each distinct shared value once.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    sysctls: HashMap<Vec<(String, String)>, Arc<[Sysctl]>>,
+}
+
+impl Interner {
+    fn str(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.strings.insert(a.clone());
+        a
+    }
+
+    fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        if let Some(a) = self.labels.get(&labels) {
+            return a.clone();
+        }
+        let a = Arc::new(labels);
+        self.labels.insert(a.clone());
+        a
+    }
+
+    fn sysctls(&mut self, sysctls: Vec<Sysctl>) -> Arc<[Sysctl]> {
+        let key: Vec<(String, String)> = sysctls.iter().map(|s| (s.name.clone(), s.value.clone())).collect();
+        self.sysctls.entry(key).or_insert_with(|| Arc::from(sysctls)).clone()
+    }
+
+    /// Forgets values no pod uses any more.
+    fn sweep(&mut self) {
+        self.strings.retain(|a| Arc::strong_count(a) > 1);
+        self.labels.retain(|a| Arc::strong_count(a) > 1);
+        self.sysctls.retain(|_, a| Arc::strong_count(a) > 1);
+    }
+}
+
+fn parse_uid(uid: &str) -> u128 {
+    let hex: String = uid.chars().filter(|c| *c != '-').collect();
+    u128::from_str_radix(&hex, 16).unwrap_or(0)
 }
 
 /// A pod's place in the tallies: the policy that owns it and, when it does not conform, why.
@@ -104,6 +146,7 @@ pub struct Summary {
 /// The conformance of every pod to its policy.
 #[derive(Default)]
 pub struct Conformance {
+    interner: Interner,
     cluster: ClusterFacts,
     policies: Arc<PolicySet>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
@@ -120,6 +163,29 @@ impl Conformance {
             cluster,
             ..Default::default()
         }
+    }
+
+    /// Makes a watched Pod lean: everything the report does not need is dropped here, at ingest.
+    pub fn lean(&mut self, pod: Pod) -> Option<LeanPod> {
+        let meta = pod.metadata;
+        let spec = pod.spec.unwrap_or_default();
+        let i = &mut self.interner;
+        Some(LeanPod {
+            uid: meta.uid.as_deref().map(parse_uid).unwrap_or(0),
+            namespace: i.str(meta.namespace.as_deref()?),
+            name: Arc::from(meta.name?.as_str()),
+            labels: i.labels(meta.labels.unwrap_or_default()),
+            node: spec.node_name.as_deref().map(|n| i.str(n)),
+            host_network: spec.host_network.unwrap_or(false),
+            windows: spec.os.is_some_and(|os| os.name == "windows"),
+            sysctls: i.sysctls(spec.security_context.and_then(|sc| sc.sysctls).unwrap_or_default()),
+            applied_policy: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(policy::POLICY_ANNOTATION))
+                .map(|p| i.str(p)),
+            phase: pod.status.and_then(|s| s.phase).map(|p| i.str(&p)),
+        })
     }
 
     pub fn pod_count(&self) -> usize {
@@ -270,6 +336,7 @@ impl Conformance {
         }
         self.dirty = tallies.keys().cloned().collect();
         self.tallies = tallies;
+        self.interner.sweep();
     }
 
     /// Policies whose summary may have changed since the last call.

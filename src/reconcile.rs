@@ -86,19 +86,19 @@ impl Reconciler {
             tokio::select! {
                 event = pods.next() => match event {
                     Some(Ok(watcher::Event::Init)) => relist.clear(),
-                    Some(Ok(watcher::Event::InitApply(pod))) => relist.extend(LeanPod::from_pod(pod)),
+                    Some(Ok(watcher::Event::InitApply(pod))) => relist.extend(self.state.lean(pod)),
                     Some(Ok(watcher::Event::InitDone)) => {
                         self.state.replace_pods(std::mem::take(&mut relist));
                         self.pods_synced = true;
                     }
                     Some(Ok(watcher::Event::Apply(pod))) => {
-                        if let Some(pod) = LeanPod::from_pod(pod) {
+                        if let Some(pod) = self.state.lean(pod) {
                             self.state.upsert_pod(pod);
                         }
                     }
                     Some(Ok(watcher::Event::Delete(pod))) => {
-                        if let Some(pod) = LeanPod::from_pod(pod) {
-                            self.state.remove_pod(&pod.key());
+                        if let (Some(ns), Some(name)) = (pod.metadata.namespace, pod.metadata.name) {
+                            self.state.remove_pod(&(Arc::from(ns.as_str()), Arc::from(name.as_str())));
                         }
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),

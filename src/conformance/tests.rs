@@ -36,8 +36,8 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], time: Option<&str>) -> Lea
     LeanPod {
         namespace: ns.into(),
         name: name.into(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        sysctls,
+        labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        sysctls: sysctls.into(),
         phase: Some("Running".into()),
         ..Default::default()
     }
