@@ -38,7 +38,7 @@ fn rss_kib() -> u64 {
 
 fn policies() -> PolicySet {
     PolicySet::new((0..POLICIES).map(|i| {
-        let spec = if i % 2 == 0 {
+        let spec = if i.is_multiple_of(2) {
             json!({"namespaceSelector": {"matchLabels": {"team": format!("team-{}", i / 2)}}})
         } else {
             json!({"podSelector": {"matchLabels": {"app": format!("app-{i}")}}, "priority": 1})
@@ -65,7 +65,7 @@ fn namespace_labels(n: usize) -> BTreeMap<String, String> {
 fn synthetic_pod(i: usize) -> Pod {
     let ns = format!("ns-{:04}", i % NAMESPACES);
     let app = format!("app-{}", i % 120);
-    let mutated = i % 3 != 0;
+    let mutated = !i.is_multiple_of(3);
     let mut spec = json!({
         "nodeName": format!("node-{}", i % 200),
         "serviceAccountName": "default",
@@ -153,9 +153,9 @@ fn main() {
     // One pod changes: only its policy is recomputed.
     let changed = c.lean(synthetic_pod(121)).unwrap();
     let mut times = Vec::new();
-    for k in 0..1000 {
+    for k in 0..1000u32 {
         let mut p = changed.clone();
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             p.sysctls = Arc::from(Vec::new());
         }
         let t = Instant::now();

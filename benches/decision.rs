@@ -37,7 +37,7 @@ fn pods(n_policies: usize) -> Vec<(BTreeMap<String, String>, Pod)> {
                 [("team".to_string(), format!("team-{}", (i * 7) % n_policies)), ("kubernetes.io/metadata.name".into(), format!("ns-{i}"))].into();
             let pod: Pod = serde_json::from_value(json!({
                 "metadata": {"name": format!("pod-{i}"), "labels": {
-                    "app": format!("app-{}", (i * 13) % (n_policies * 2)), "tier": if i % 4 == 0 { "batch" } else { "web" },
+                    "app": format!("app-{}", (i * 13) % (n_policies * 2)), "tier": if i.is_multiple_of(4) { "batch" } else { "web" },
                     "pod-template-hash": "5d8f7c9b6", "app.kubernetes.io/part-of": "shop"}},
                 "spec": {"containers": [{"name": "c", "image": "x"}],
                          "securityContext": {"sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": "1024 65000"}]}}
