@@ -8,7 +8,7 @@
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
-use xtask::{ControlPlane, tools};
+use xtask::{ControlPlane, cluster, tools};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -107,15 +107,131 @@ fn start_control_plane() -> Result<ControlPlane> {
     Ok(cp)
 }
 
+/// Applies YAML with the real kubectl and prints what it says.
+fn apply_yaml(cp: &ControlPlane, name: &str, yaml: &str) -> Result<()> {
+    let file = cp.work_dir().join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml)?;
+    print!("{}", cp.kubectl_output(&["apply", "-f", file.to_str().unwrap()])?);
+    Ok(())
+}
+
 fn demo(hold: bool) -> Result<()> {
+    step("Building the operator (cargo build)");
+    run(cargo().args(["build", "--quiet", "--bin", "keepalive-operator"]))?;
     let cp = start_control_plane()?;
+
+    step("Running the operator on this host: webhook + conformance controller, self-managed certificates");
+    cp.kubectl_output(&["create", "namespace", "keepalive-system"])?;
+    let (port, admin) = (cluster::free_port()?, cluster::free_port()?);
+    let mut cmd = Command::new(tools::repo_root().join("target/debug/keepalive-operator"));
+    cmd.args([
+        "controller",
+        &format!("--listen=127.0.0.1:{port}"),
+        &format!("--admin-listen=127.0.0.1:{admin}"),
+    ])
+    .args([
+        "--namespace=keepalive-system",
+        "--tls-extra-sans=127.0.0.1",
+        "--webhook-configuration=keepalive-operator",
+    ])
+    .env("KUBECONFIG", cp.kubeconfig());
+    let log = cp.work_dir().join("operator.log");
+    let operator = cluster::spawn_logged(cmd, &log)?;
+    wait_for("the operator to be ready", || {
+        cluster::http_get(admin, "/readyz").is_some_and(|(c, _)| c == 200)
+    })?;
+    eprintln!("    serving https://127.0.0.1:{port}/mutate; log: {}", log.display());
+    // Registered by URL to the host process, without a caBundle: the operator fills it in.
+    apply_yaml(
+        &cp,
+        "webhook",
+        &format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: keepalive-operator}}
+webhooks:
+- name: pods.keepalive.dev
+  clientConfig: {{url: "https://127.0.0.1:{port}/mutate"}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
+  failurePolicy: Ignore
+  sideEffects: None
+  timeoutSeconds: 5
+  reinvocationPolicy: IfNeeded
+  admissionReviewVersions: [v1]
+  namespaceSelector:
+    matchExpressions:
+    - {{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, keepalive-system]}}
+    - {{key: keepalive.dev/ignore, operator: NotIn, values: ["true"]}}
+  objectSelector:
+    matchExpressions: [{{key: keepalive.dev/ignore, operator: NotIn, values: ["true"]}}]
+"#
+        ),
+    )?;
+    wait_for("the operator to set the webhook's caBundle", || {
+        cp.kubectl_output(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            "keepalive-operator",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ])
+        .is_ok_and(|b| !b.is_empty())
+    })?;
+
+    step("Namespaces, and a pod created before any policy exists");
+    apply_yaml(
+        &cp,
+        "namespaces",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {cloud: gcp}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: payments, labels: {team: payments, cloud: gcp}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: pre-existing, namespace: shop}\n\
+         spec: {containers: [{name: app, image: registry.example/app:1}]}\n",
+    )?;
+
     let examples = tools::repo_root().join("examples");
     step("Applying the example policies (examples/)");
     print!("{}", cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?);
-    step("kubectl get kap");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+
+    step("Sample pods: matching, matching with its own value (Fill), hostNetwork, opted out");
+    let pod = |ns: &str, name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}{extra}}}\nspec:\n  containers: [{{name: app, image: registry.example/app:1}}]\n"
+        )
+    };
+    let pods = [
+        pod("shop", "web", ""),
+        pod("payments", "db-client", "").replace(
+            "spec:\n",
+            "spec:\n  securityContext: {sysctls: [{name: net.ipv4.tcp_keepalive_time, value: \"45\"}]}\n",
+        ),
+        pod("shop", "node-agent", "").replace("spec:\n", "spec:\n  hostNetwork: true\n"),
+        pod("shop", "legacy", ", labels: {keepalive.dev/ignore: \"true\"}"),
+    ];
+    apply_yaml(&cp, "pods", &pods.join("---\n"))?;
+
+    step("kubectl get kap (the controller writes status every few seconds)");
+    std::thread::sleep(std::time::Duration::from_secs(5));
     print!("{}", cp.kubectl_output(&["get", "kap"])?);
-    step("kubectl get kap aws-nlb -o yaml (the stored policy, defaults applied)");
-    print!("{}", cp.kubectl_output(&["get", "kap", "aws-nlb", "-o", "yaml"])?);
+    step("kubectl get pod web -n shop: the sysctls and annotation the webhook injected");
+    print!(
+        "{}\n",
+        cp.kubectl_output(&[
+            "get", "pod", "web", "-n", "shop", "-o",
+            "jsonpath=sysctls: {.spec.securityContext.sysctls}{\"\\n\"}policy: {.metadata.annotations.keepalive\\.dev/policy}",
+        ])?
+    );
+    step("kubectl get kap gcp-vpc: why pods do not conform");
+    print!(
+        "{}\n",
+        cp.kubectl_output(&[
+            "get",
+            "kap",
+            "gcp-vpc",
+            "-o",
+            "jsonpath={range .status.violations[*]}{.namespace}/{.name}: {.reason}: {.message}{\"\\n\"}{end}",
+        ])?
+    );
     step("An invalid policy is rejected by the apiserver, naming the field");
     let bad = cp.work_dir().join("invalid.yaml");
     std::fs::write(
@@ -126,12 +242,25 @@ fn demo(hold: bool) -> Result<()> {
     let out = cp.kubectl().args(["apply", "-f", bad.to_str().unwrap()]).output()?;
     print!("{}", String::from_utf8_lossy(&out.stderr));
     // SAFETY: isatty(3) only inspects the descriptor.
-    if hold || unsafe { libc::isatty(0) } == 1 {
+    let result = if hold || unsafe { libc::isatty(0) } == 1 {
         hold_until_interrupted(&cp)
     } else {
-        eprintln!("\nDone; the control plane stops now (pass --hold to keep it running).");
+        eprintln!("\nDone; the operator and the control plane stop now (pass --hold to keep them running).");
         Ok(())
+    };
+    cluster::kill(operator);
+    result
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready() {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    Ok(())
 }
 
 fn cluster() -> Result<()> {
