@@ -272,14 +272,27 @@ static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 impl<'a> PodFacts<'a> {
     pub fn new(meta: &'a ObjectMeta, spec: Option<&'a PodSpec>) -> Self {
+        Self::from_parts(
+            meta.labels.as_ref(),
+            spec.and_then(|s| s.host_network),
+            spec.and_then(|s| s.os.as_ref()).map(|os| os.name.as_str()),
+            spec.and_then(|s| s.security_context.as_ref())
+                .and_then(|sc| sc.sysctls.as_deref()),
+        )
+    }
+
+    /// From the fields as a pod (or any lean view of one) holds them: absent means the Kubernetes default.
+    pub fn from_parts(
+        labels: Option<&'a BTreeMap<String, String>>,
+        host_network: Option<bool>,
+        os_name: Option<&str>,
+        sysctls: Option<&'a [Sysctl]>,
+    ) -> Self {
         PodFacts {
-            labels: meta.labels.as_ref().unwrap_or(&NO_LABELS),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            windows: spec.and_then(|s| s.os.as_ref()).is_some_and(|os| os.name == "windows"),
-            sysctls: spec
-                .and_then(|s| s.security_context.as_ref())
-                .and_then(|sc| sc.sysctls.as_deref())
-                .unwrap_or(&[]),
+            labels: labels.unwrap_or(&NO_LABELS),
+            host_network: host_network.unwrap_or(false),
+            windows: os_name == Some("windows"),
+            sysctls: sysctls.unwrap_or(&[]),
         }
     }
 }

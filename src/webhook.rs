@@ -176,21 +176,14 @@ struct Review {
 
 impl LeanPod {
     fn facts(&self) -> PodFacts<'_> {
-        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
         let spec = self.spec.as_ref();
-        PodFacts {
-            labels: self
-                .metadata
-                .as_ref()
-                .and_then(|m| m.labels.as_ref())
-                .unwrap_or(&NO_LABELS),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            windows: spec.and_then(|s| s.os.as_ref()).is_some_and(|os| os.name == "windows"),
-            sysctls: spec
-                .and_then(|s| s.security_context.as_ref())
-                .and_then(|sc| sc.sysctls.as_deref())
-                .unwrap_or(&[]),
-        }
+        PodFacts::from_parts(
+            self.metadata.as_ref().and_then(|m| m.labels.as_ref()),
+            spec.and_then(|s| s.host_network),
+            spec.and_then(|s| s.os.as_ref()).map(|os| os.name.as_str()),
+            spec.and_then(|s| s.security_context.as_ref())
+                .and_then(|sc| sc.sysctls.as_deref()),
+        )
     }
 
     fn shape(&self) -> Shape {

@@ -214,16 +214,16 @@ webhooks:
     std::thread::sleep(std::time::Duration::from_secs(5));
     print!("{}", cp.kubectl_output(&["get", "kap"])?);
     step("kubectl get pod web -n shop: the sysctls and annotation the webhook injected");
-    print!(
-        "{}\n",
+    println!(
+        "{}",
         cp.kubectl_output(&[
             "get", "pod", "web", "-n", "shop", "-o",
             "jsonpath=sysctls: {.spec.securityContext.sysctls}{\"\\n\"}policy: {.metadata.annotations.keepalive\\.dev/policy}",
         ])?
     );
     step("kubectl get kap gcp-vpc: why pods do not conform");
-    print!(
-        "{}\n",
+    println!(
+        "{}",
         cp.kubectl_output(&[
             "get",
             "kap",
