@@ -5,6 +5,7 @@
 //! [`validate`] — with thin I/O shells: [`webhook`], [`apply`], [`controller`]. `main.rs` only parses
 //! arguments and dispatches.
 
+pub mod agent;
 pub mod api;
 pub mod apply;
 pub mod cache;
