@@ -17,12 +17,23 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the KeepalivePolicy CustomResourceDefinition as YAML.
-    Crd,
+    /// Print a CustomResourceDefinition as YAML: KeepalivePolicy (default) or KeepaliveNodeReport.
+    Crd {
+        #[arg(value_enum, default_value_t = CrdKind::Policies)]
+        kind: CrdKind,
+    },
     /// Apply policies to manifests offline: print the resources with the mutation the webhook would make.
     Apply(ApplyArgs),
     /// Run the admission webhook (and, with it, the conformance controller).
     Controller(Box<crate::controller::Args>),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CrdKind {
+    /// keepalivepolicies.keepalive.dev
+    Policies,
+    /// keepalivenodereports.keepalive.dev
+    NodeReports,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,13 @@ use keepalive_operator::{api, apply, cli, controller, policy::ClusterFacts, tele
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let result = match cli.command {
-        cli::Command::Crd => std::io::stdout()
-            .write_all(api::crd_yaml().as_bytes())
-            .map_err(Into::into),
+        cli::Command::Crd { kind } => {
+            let yaml = match kind {
+                cli::CrdKind::Policies => api::crd_yaml(),
+                cli::CrdKind::NodeReports => api::node_report_crd_yaml(),
+            };
+            std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)
+        }
         cli::Command::Apply(args) => run_apply(args),
         cli::Command::Controller(args) => {
             telemetry::init();

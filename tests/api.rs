@@ -12,9 +12,6 @@ use kube::{
 use serde_json::{Value, json};
 use xtask::ControlPlane;
 
-const CRD_FILE: &str = "crds/keepalivepolicies.keepalive.dev.yaml";
-const CHART_CRD_FILE: &str = "charts/keepalive-operator/crds/keepalivepolicies.keepalive.dev.yaml";
-
 /// The shared control plane with the committed CRD installed.
 fn control_plane() -> &'static ControlPlane {
     static READY: OnceLock<()> = OnceLock::new();
@@ -42,45 +39,73 @@ fn policy_json(name: &str, spec: Value) -> DynamicObject {
 }
 
 #[test]
-fn committed_crds_match_the_generated_one() {
-    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
+fn committed_crds_match_the_generated_ones() {
+    for (arg, expected, name) in [
+        ("policies", api::crd_yaml(), "keepalivepolicies.keepalive.dev.yaml"),
+        (
+            "node-reports",
+            api::node_report_crd_yaml(),
+            "keepalivenodereports.keepalive.dev.yaml",
+        ),
+    ] {
+        let generated = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
+            .args(["crd", arg])
+            .output()
+            .unwrap();
+        assert!(generated.status.success());
+        let generated = String::from_utf8(generated.stdout).unwrap();
+        assert_eq!(generated, expected);
+        for dir in ["crds", "charts/keepalive-operator/crds"] {
+            let committed = std::fs::read_to_string(repo(&format!("{dir}/{name}"))).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{dir}/{name} differs from `keepalive-operator crd {arg}`; regenerate it:\n  \
+                 cargo run -- crd {arg} > crds/{name} && cp crds/{name} charts/keepalive-operator/crds/"
+            );
+        }
+    }
+    // Without an argument, `crd` prints the policy CRD.
+    let default = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
         .arg("crd")
         .output()
         .unwrap();
-    assert!(generated.status.success());
-    let generated = String::from_utf8(generated.stdout).unwrap();
-    assert_eq!(generated, api::crd_yaml());
-    for file in [CRD_FILE, CHART_CRD_FILE] {
-        let committed = std::fs::read_to_string(repo(file)).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "{file} differs from `keepalive-operator crd`; regenerate it:\n  cargo run -- crd > {CRD_FILE} && cp {CRD_FILE} {CHART_CRD_FILE}"
-        );
-    }
+    assert_eq!(String::from_utf8(default.stdout).unwrap(), api::crd_yaml());
 }
 
 #[tokio::test]
 async fn crd_installs_and_becomes_established() {
     let cp = control_plane();
     let crds: Api<CustomResourceDefinition> = Api::all(cp.client().await.unwrap());
-    let crd = crds.get("keepalivepolicies.keepalive.dev").await.unwrap();
-    let conditions = crd.status.unwrap().conditions.unwrap_or_default();
-    for wanted in ["Established", "NamesAccepted"] {
-        assert!(
-            conditions.iter().any(|c| c.type_ == wanted && c.status == "True"),
-            "{wanted} not True: {conditions:?}"
-        );
+    for name in ["keepalivepolicies.keepalive.dev", "keepalivenodereports.keepalive.dev"] {
+        let conditions = crds
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .conditions
+            .unwrap_or_default();
+        for wanted in ["Established", "NamesAccepted"] {
+            assert!(
+                conditions.iter().any(|c| c.type_ == wanted && c.status == "True"),
+                "{name}: {wanted} not True: {conditions:?}"
+            );
+        }
     }
+    let crd = crds.get("keepalivepolicies.keepalive.dev").await.unwrap();
     assert_eq!(crd.spec.scope, "Cluster");
     assert_eq!(crd.spec.names.short_names, Some(vec!["kap".to_string()]));
     // The short name resolves through discovery, as users type it.
     let out = cp
         .kubectl_output(&["api-resources", "--api-group=keepalive.dev", "--no-headers"])
         .unwrap();
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
     assert!(
-        out.split_whitespace()
-            .collect::<Vec<_>>()
-            .starts_with(&["keepalivepolicies", "kap"]),
+        rows.iter().any(|r| r.starts_with(&["keepalivepolicies", "kap"])),
+        "{out}"
+    );
+    assert!(
+        rows.iter().any(|r| r.starts_with(&["keepalivenodereports", "kanr"])),
         "{out}"
     );
 }
