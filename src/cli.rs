@@ -26,6 +26,8 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Run the admission webhook (and, with it, the conformance controller).
     Controller(Box<crate::controller::Args>),
+    /// Run the node agent: read the live keepalive values of this node's pods into its KeepaliveNodeReport.
+    Agent(crate::report::AgentArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

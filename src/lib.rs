@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod reconcile;
+pub mod report;
 pub mod server;
 pub mod telemetry;
 pub mod validate;

@@ -14,6 +14,12 @@ fn main() -> ExitCode {
             std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)
         }
         cli::Command::Apply(args) => run_apply(args),
+        cli::Command::Agent(args) => {
+            telemetry::init();
+            tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(keepalive_operator::report::run(args)))
+        }
         cli::Command::Controller(args) => {
             telemetry::init();
             tokio::runtime::Runtime::new()

@@ -1,0 +1,179 @@
+//! Stand-ins for pod sandboxes on the real kernel: a network namespace with its own keepalive sysctls, a process
+//! in it placed in a cgroup laid out as kubelet lays it out for a pod UID, and TCP connections inside it.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn run(cmd: &[&str]) {
+    let status = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// The root of a cgroup hierarchy where a process can be placed: v1 `pids`, else the v2 unified hierarchy.
+fn cgroup_root() -> PathBuf {
+    let v1 = Path::new("/sys/fs/cgroup/pids");
+    if v1.is_dir() {
+        v1.to_path_buf()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+pub enum Layout {
+    CgroupfsBurstable,
+    SystemdBestEffort,
+    CgroupfsGuaranteed,
+}
+
+/// A stand-in for a pod sandbox: a network namespace, a process in it, placed in a kubelet-style cgroup.
+pub struct Sandbox {
+    netns: String,
+    pub uid: String,
+    pub child: Option<Child>,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    pub fn new(tag: &str, uid: &str, layout: Layout, sysctls: Option<(i32, i32, i32)>) -> Sandbox {
+        let netns = format!("ka-{}-{tag}", std::process::id());
+        run(&["ip", "netns", "add", &netns]);
+        run(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        if let Some((t, i, p)) = sysctls {
+            for (name, v) in [
+                ("tcp_keepalive_time", t),
+                ("tcp_keepalive_intvl", i),
+                ("tcp_keepalive_probes", p),
+            ] {
+                run(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &netns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv4.{name}={v}"),
+                ]);
+            }
+        }
+        // No inherited stdout/stderr: a leftover process must never hold the test runner's output open.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns, "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // `ip netns exec` enters the namespace, then becomes `sleep`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            != "sleep"
+        {
+            assert!(Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let u = uid.replace('-', "_");
+        let relative: Vec<String> = match layout {
+            Layout::CgroupfsBurstable => vec![
+                "kubepods".into(),
+                "burstable".into(),
+                format!("pod{uid}"),
+                format!("ctr{tag}"),
+            ],
+            Layout::CgroupfsGuaranteed => vec!["kubepods".into(), format!("pod{uid}"), format!("ctr{tag}")],
+            Layout::SystemdBestEffort => vec![
+                "kubepods.slice".into(),
+                "kubepods-besteffort.slice".into(),
+                format!("kubepods-besteffort-pod{u}.slice"),
+                format!("cri-containerd-{tag}.scope"),
+            ],
+        };
+        let mut cgroups = Vec::new();
+        let mut dir = cgroup_root();
+        for part in relative {
+            dir = dir.join(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).unwrap();
+                cgroups.push(dir.clone());
+            }
+        }
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        Sandbox {
+            netns,
+            uid: uid.to_string(),
+            child: Some(child),
+            cgroups,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Opens `keepalive` + `plain` connections on loopback inside the namespace; only the `keepalive` clients
+    /// turn SO_KEEPALIVE on. Returns both ends of every connection (they stay open while held).
+    pub fn connect(&self, keepalive: usize, plain: usize) -> Vec<TcpStream> {
+        let ns = std::fs::File::open(format!("/var/run/netns/{}", self.netns)).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) on a valid descriptor, on a thread that only makes these sockets and ends.
+                assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut streams = Vec::new();
+                for i in 0..keepalive + plain {
+                    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                    if i < keepalive {
+                        let on: libc::c_int = 1;
+                        // SAFETY: setsockopt(2) with a valid socket and an int option value.
+                        let rc = unsafe {
+                            libc::setsockopt(
+                                client.as_raw_fd(),
+                                libc::SOL_SOCKET,
+                                libc::SO_KEEPALIVE,
+                                &on as *const _ as *const libc::c_void,
+                                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                            )
+                        };
+                        assert_eq!(rc, 0);
+                    }
+                    let (server, _) = listener.accept().unwrap();
+                    streams.push(client);
+                    streams.push(server);
+                }
+                streams
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for dir in self.cgroups.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
