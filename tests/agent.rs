@@ -6,10 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    sandbox::{Layout, Sandbox},
-    *,
-};
+use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use keepalive_operator::api::{KeepaliveNodeReport, LiveKeepalive};
 use kube::{
@@ -17,6 +14,7 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use serde_json::json;
+use xtask::sandbox::{Layout, Sandbox};
 
 #[tokio::test]
 async fn the_node_report_shows_live_values_and_connections() {

@@ -2,12 +2,10 @@
 //! processes placed in cgroups laid out as kubelet lays them out for a pod UID, and real TCP connections on
 //! loopback inside those namespaces, with and without SO_KEEPALIVE. Needs root (as CI has).
 
-mod common;
-
 use std::{collections::HashSet, path::Path};
 
-use common::sandbox::{Layout, Sandbox};
 use keepalive_operator::agent::{self, Connections, LiveSysctls, ReadError};
+use xtask::sandbox::{Layout, Sandbox};
 
 #[test]
 fn reads_exactly_the_values_and_connections_of_each_pod() {
@@ -100,9 +98,7 @@ fn a_vanished_process_is_reported_not_fatal() {
         Some((40, 4, 4)),
     );
     let pid = s.pid();
-    let mut child = s.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    s.kill_process();
     assert!(matches!(
         agent::read_sysctls(Path::new("/proc"), pid),
         Err(ReadError::Vanished { .. })

@@ -2,8 +2,6 @@
 //! webhook registrations, namespaces and pods.
 #![allow(dead_code)]
 
-pub mod sandbox;
-
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

@@ -1,6 +1,7 @@
 //! Project tasks and the real local control plane the tests and the demo run against.
 
 pub mod cluster;
+pub mod sandbox;
 pub mod tools;
 
 pub use cluster::{ControlPlane, shared};

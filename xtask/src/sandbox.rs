@@ -38,7 +38,7 @@ pub enum Layout {
 pub struct Sandbox {
     netns: String,
     pub uid: String,
-    pub child: Option<Child>,
+    child: Option<Child>,
     cgroups: Vec<PathBuf>,
 }
 
@@ -115,6 +115,14 @@ impl Sandbox {
             uid: uid.to_string(),
             child: Some(child),
             cgroups,
+        }
+    }
+
+    /// Ends the sandbox's process now (the namespace and cgroups stay until drop).
+    pub fn kill_process(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
