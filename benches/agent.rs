@@ -59,7 +59,7 @@ fn main() {
             PODS,
             "every pod read"
         );
-        assert!(reports.iter().all(|r| r.established == 8 && r.keepalive == 4));
+        assert!(reports.iter().all(|r| r.established == 8 && r.keepalive == 2));
         previous = reports;
     }
     times.sort();
