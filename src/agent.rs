@@ -1,6 +1,6 @@
 //! The node agent's view of the kernel: which host process belongs to which pod (from /proc/<pid>/cgroup, as
 //! kubelet lays cgroups out), the keepalive sysctls inside that pod's network namespace, and how many of its
-//! established TCP connections have the keepalive timer armed.
+//! established TCP connections have the keepalive timer armed (sock_diag, inside the namespace).
 //!
 //! Reading a namespaced sysctl means being in the namespace: each read runs on a short-lived thread of its own
 //! that enters the pod's network namespace (setns) and ends; no thread that does other work ever switches.
@@ -90,8 +90,12 @@ pub enum ReadError {
     Read { what: String, source: std::io::Error },
 }
 
-/// Reads the keepalive sysctls in the network namespace of `pid` (under `proc_root`), on a thread of its own.
-pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError> {
+/// Runs `f` on a thread of its own inside the network namespace of `pid` (under `proc_root`).
+fn in_netns<T: Send>(
+    proc_root: &Path,
+    pid: u32,
+    f: impl FnOnce() -> Result<T, ReadError> + Send,
+) -> Result<T, ReadError> {
     let ns_path = proc_root.join(pid.to_string()).join("ns/net");
     let ns = fs::File::open(&ns_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ReadError::Vanished { pid },
@@ -101,78 +105,187 @@ pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError
         scope
             .spawn(|| {
                 // SAFETY: setns(2) on a valid descriptor changes only this thread's network namespace; the thread
-                // ends right after the reads.
+                // ends right after `f`.
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(ReadError::Enter {
                         pid,
                         source: std::io::Error::last_os_error(),
                     });
                 }
-                let read = |name: &str| -> Result<i32, ReadError> {
-                    let path = PathBuf::from("/proc/sys").join(name.replace('.', "/"));
-                    let text = fs::read_to_string(&path).map_err(|source| ReadError::Read {
-                        what: path.display().to_string(),
-                        source,
-                    })?;
-                    text.trim().parse().map_err(|_| ReadError::Read {
-                        what: path.display().to_string(),
-                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_string()),
-                    })
-                };
-                Ok(LiveSysctls {
-                    time: read(SYSCTL_TIME)?,
-                    interval: read(SYSCTL_INTERVAL)?,
-                    probes: read(SYSCTL_PROBES)?,
-                })
+                f()
             })
             .join()
             .unwrap_or(Err(ReadError::Vanished { pid }))
     })
 }
 
-/// Counts the established connections and armed keepalive timers in the text of /proc/<pid>/net/tcp or tcp6.
-pub fn count_connections(text: &str) -> Connections {
-    let mut c = Connections::default();
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(state), Some(timer)) = (fields.get(3), fields.get(5)) else {
-            continue;
-        };
-        if *state != "01" {
-            continue;
-        }
-        c.established += 1;
-        // "tr:when": timer kind 2 is the keepalive timer.
-        if timer.split(':').next() == Some("02") {
-            c.keepalive += 1;
-        }
-    }
-    c
+/// Reads the keepalive sysctls in the network namespace of `pid`.
+pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError> {
+    in_netns(proc_root, pid, read_own_sysctls)
 }
 
-/// Connections of the network namespace of `pid`.
+fn read_own_sysctls() -> Result<LiveSysctls, ReadError> {
+    let read = |name: &str| -> Result<i32, ReadError> {
+        let path = PathBuf::from("/proc/sys").join(name.replace('.', "/"));
+        let text = fs::read_to_string(&path).map_err(|source| ReadError::Read {
+            what: path.display().to_string(),
+            source,
+        })?;
+        text.trim().parse().map_err(|_| ReadError::Read {
+            what: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_string()),
+        })
+    };
+    Ok(LiveSysctls {
+        time: read(SYSCTL_TIME)?,
+        interval: read(SYSCTL_INTERVAL)?,
+        probes: read(SYSCTL_PROBES)?,
+    })
+}
+
+/// Established TCP connections of the network namespace of `pid`, counted through a sock_diag netlink dump
+/// inside the namespace (reading /proc/<pid>/net/tcp would walk the kernel's whole established-connection
+/// table for every namespace, milliseconds each).
 pub fn read_connections(proc_root: &Path, pid: u32) -> Result<Connections, ReadError> {
-    let mut total = Connections::default();
-    for file in ["tcp", "tcp6"] {
-        let path = proc_root.join(pid.to_string()).join("net").join(file);
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                let c = count_connections(&text);
-                total.established += c.established;
-                total.keepalive += c.keepalive;
+    in_netns(proc_root, pid, || {
+        let mut total = Connections::default();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            let c = sock_diag::established_tcp(family as u8).map_err(|source| ReadError::Read {
+                what: "sock_diag".into(),
+                source,
+            })?;
+            total.established += c.established;
+            total.keepalive += c.keepalive;
+        }
+        Ok(total)
+    })
+}
+
+mod sock_diag {
+    //! A minimal NETLINK_SOCK_DIAG client: dump the TCP sockets of the current network namespace in state
+    //! ESTABLISHED and read each one's timer (2 = keepalive).
+    use std::{io, mem::size_of};
+
+    use super::Connections;
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_ESTABLISHED: u8 = 1;
+    const TIMER_KEEPALIVE: u8 = 2;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct SockId {
+        sport: u16,
+        dport: u16,
+        src: [u32; 4],
+        dst: [u32; 4],
+        interface: u32,
+        cookie: [u32; 2],
+    }
+
+    #[repr(C)]
+    struct Request {
+        nlh: libc::nlmsghdr,
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+
+    /// Offsets in `struct inet_diag_msg`.
+    const MSG_STATE: usize = 1;
+    const MSG_TIMER: usize = 2;
+
+    struct Fd(i32);
+    impl Drop for Fd {
+        fn drop(&mut self) {
+            // SAFETY: closing a descriptor this value owns.
+            unsafe { libc::close(self.0) };
+        }
+    }
+
+    pub fn established_tcp(family: u8) -> io::Result<Connections> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = Fd(fd);
+        let request = Request {
+            nlh: libc::nlmsghdr {
+                nlmsg_len: size_of::<Request>() as u32,
+                nlmsg_type: SOCK_DIAG_BY_FAMILY,
+                nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+                nlmsg_seq: 1,
+                nlmsg_pid: 0,
+            },
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states: 1 << TCP_ESTABLISHED,
+            id: SockId::default(),
+        };
+        // SAFETY: sending the bytes of a plain-old-data struct we own.
+        let sent = unsafe {
+            libc::send(
+                fd.0,
+                &request as *const Request as *const libc::c_void,
+                size_of::<Request>(),
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut counts = Connections::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: receiving into a buffer we own, bounded by its length.
+            let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
             }
-            // IPv6 may be disabled.
-            Err(e) if file == "tcp6" && e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadError::Vanished { pid }),
-            Err(source) => {
-                return Err(ReadError::Read {
-                    what: path.display().to_string(),
-                    source,
-                });
+            let mut data = &buf[..n as usize];
+            while data.len() >= size_of::<libc::nlmsghdr>() {
+                let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
+                if len < size_of::<libc::nlmsghdr>() || len > data.len() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                match kind as i32 {
+                    libc::NLMSG_DONE => return Ok(counts),
+                    libc::NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(data[16..20].try_into().unwrap());
+                        // IPv6 not available in this namespace: no IPv6 connections.
+                        if -errno == libc::ENOENT || -errno == libc::EAFNOSUPPORT {
+                            return Ok(counts);
+                        }
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    _ => {
+                        let msg = &data[size_of::<libc::nlmsghdr>()..len];
+                        if msg.len() > MSG_TIMER && msg[MSG_STATE] == TCP_ESTABLISHED {
+                            counts.established += 1;
+                            if msg[MSG_TIMER] == TIMER_KEEPALIVE {
+                                counts.keepalive += 1;
+                            }
+                        }
+                    }
+                }
+                let aligned = (len + 3) & !3;
+                data = &data[aligned.min(data.len())..];
             }
         }
     }
-    Ok(total)
 }
 
 #[cfg(test)]
@@ -222,21 +335,5 @@ mod tests {
             None
         );
         assert_eq!(pod_uid_from_cgroup_path("/kubepods/burstable/podnot-a-uid/c"), None);
-    }
-
-    #[test]
-    fn counts_established_and_keepalive_timers() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 02:000A2B3C 00000000     0        0 2 1 0 20 4 30 10 -1\n\
-   2: 0100007F:C350 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1\n\
-   3: 0100007F:C351 0100007F:1F90 06 00000000:00000000 03:00001000 00000000     0        0 0 3 0\n";
-        assert_eq!(
-            count_connections(text),
-            Connections {
-                established: 2,
-                keepalive: 1
-            }
-        );
     }
 }
