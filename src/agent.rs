@@ -143,22 +143,29 @@ fn read_own_sysctls() -> Result<LiveSysctls, ReadError> {
     })
 }
 
+/// Sysctls and connections of the network namespace of `pid`, with one entry into the namespace.
+pub fn read_pod(proc_root: &Path, pid: u32) -> Result<(LiveSysctls, Connections), ReadError> {
+    in_netns(proc_root, pid, || Ok((read_own_sysctls()?, count_own_connections()?)))
+}
+
 /// Established TCP connections of the network namespace of `pid`, counted through a sock_diag netlink dump
 /// inside the namespace (reading /proc/<pid>/net/tcp would walk the kernel's whole established-connection
 /// table for every namespace, milliseconds each).
 pub fn read_connections(proc_root: &Path, pid: u32) -> Result<Connections, ReadError> {
-    in_netns(proc_root, pid, || {
-        let mut total = Connections::default();
-        for family in [libc::AF_INET, libc::AF_INET6] {
-            let c = sock_diag::established_tcp(family as u8).map_err(|source| ReadError::Read {
-                what: "sock_diag".into(),
-                source,
-            })?;
-            total.established += c.established;
-            total.keepalive += c.keepalive;
-        }
-        Ok(total)
-    })
+    in_netns(proc_root, pid, count_own_connections)
+}
+
+fn count_own_connections() -> Result<Connections, ReadError> {
+    let mut total = Connections::default();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let c = sock_diag::established_tcp(family as u8).map_err(|source| ReadError::Read {
+            what: "sock_diag".into(),
+            source,
+        })?;
+        total.established += c.established;
+        total.keepalive += c.keepalive;
+    }
+    Ok(total)
 }
 
 mod sock_diag {

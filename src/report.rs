@@ -88,45 +88,50 @@ pub fn scan(
     let wanted = scanned.iter().map(|p| p.uid.clone()).collect();
     let processes = agent::find_pod_processes(proc_root, &wanted);
     let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
-    let mut reports: Vec<PodLiveReport> = scanned
-        .into_iter()
-        .map(|pod| {
-            let mut report = PodLiveReport {
-                uid: pod.uid.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                sysctls: None,
-                established: 0,
-                keepalive: 0,
-                read_at: now.clone(),
-                error: None,
-            };
-            let reading = match processes.get(&pod.uid) {
-                None => Err("no process of the pod found on the host".to_string()),
-                Some(&pid) => agent::read_sysctls(proc_root, pid)
-                    .and_then(|s| Ok((s, agent::read_connections(proc_root, pid)?)))
-                    .map_err(|e| e.to_string()),
-            };
-            match reading {
-                Ok((sysctls, connections)) => {
-                    report.sysctls = Some(live(sysctls));
-                    report.established = connections.established as i32;
-                    report.keepalive = connections.keepalive as i32;
-                }
-                Err(e) => report.error = Some(e),
+    let read_one = |pod: &NodePod| {
+        let mut report = PodLiveReport {
+            uid: pod.uid.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            sysctls: None,
+            established: 0,
+            keepalive: 0,
+            read_at: now.clone(),
+            error: None,
+        };
+        let reading = match processes.get(&pod.uid) {
+            None => Err("no process of the pod found on the host".to_string()),
+            Some(&pid) => agent::read_pod(proc_root, pid).map_err(|e| e.to_string()),
+        };
+        match reading {
+            Ok((sysctls, connections)) => {
+                report.sysctls = Some(live(sysctls));
+                report.established = connections.established as i32;
+                report.keepalive = connections.keepalive as i32;
             }
-            if let Some(old) = previous.get(pod.uid.as_str()) {
-                let unchanged = PodLiveReport {
-                    read_at: old.read_at.clone(),
-                    ..report.clone()
-                };
-                if &&unchanged == old {
-                    report.read_at = old.read_at.clone();
-                }
+            Err(e) => report.error = Some(e),
+        }
+        if let Some(old) = previous.get(pod.uid.as_str()) {
+            let unchanged = PodLiveReport {
+                read_at: old.read_at.clone(),
+                ..report.clone()
+            };
+            if &&unchanged == old {
+                report.read_at = old.read_at.clone();
             }
-            report
-        })
-        .collect();
+        }
+        report
+    };
+    // The readings wait on the kernel, not on each other: spread them over the cores.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let chunk = scanned.len().div_ceil(workers).max(1);
+    let mut reports: Vec<PodLiveReport> = std::thread::scope(|s| {
+        let handles: Vec<_> = scanned
+            .chunks(chunk)
+            .map(|part| s.spawn(|| part.iter().map(|p| read_one(p)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
     reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     (node, reports)
 }
