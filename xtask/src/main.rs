@@ -53,7 +53,26 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Debian packages the node-side tests use (`ip netns`, `sysctl`), installed when missing.
+fn ensure_debian_packages() -> Result<()> {
+    let missing = ["ip", "sysctl"].iter().any(|tool| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if missing {
+        step("Installing iproute2 and procps (apt-get)");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "iproute2", "procps"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    ensure_debian_packages()?;
     step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
     let bin = tools::build(&[])?;
     step("cargo fmt --check");
