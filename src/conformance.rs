@@ -311,31 +311,22 @@ impl Conformance {
 
     /// Judges every pod again from scratch.
     pub fn recompute_all(&mut self) {
-        let mut tallies: HashMap<Arc<str>, Tally> = self
+        self.tallies = self
             .policies
             .entries()
             .iter()
             .map(|e| (Arc::from(e.name.as_str()), Tally::default()))
             .collect();
-        self.tallies = tallies.clone();
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
         for key in keys {
             let owned = self.judge(&self.pods[&key].0);
             if let Some(o) = &owned {
-                let t = tallies.entry(o.policy.clone()).or_default();
-                t.matched += 1;
-                match o.reason {
-                    None => t.conformant += 1,
-                    Some(reason) => {
-                        *t.by_reason.entry(reason).or_default() += 1;
-                        t.violating.insert(key.clone());
-                    }
-                }
+                self.count(&key, o, 1);
             }
             self.pods.get_mut(&key).expect("a key of the map").1 = owned;
         }
-        self.dirty = tallies.keys().cloned().collect();
-        self.tallies = tallies;
+        // Every policy's summary is new, also those that match no pod.
+        self.dirty = self.tallies.keys().cloned().collect();
         self.interner.sweep();
     }
 
