@@ -72,6 +72,18 @@ pub const MAX_VIOLATIONS: usize = 20;
         json_path = ".status.conformantPods",
         description = "matched pods that run with this policy's keepalive values"
     ),
+    printcolumn(
+        name = "Live",
+        type_ = "integer",
+        json_path = ".status.liveVerifiedPods",
+        description = "matched pods whose values the node agent read from the kernel and found equal to the policy's"
+    ),
+    printcolumn(
+        name = "Coverage",
+        type_ = "string",
+        json_path = ".status.connectionCoverage",
+        description = "established connections of the matched pods with keepalive armed / all established"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new(
@@ -214,7 +226,18 @@ pub struct KeepalivePolicyStatus {
     /// Matched pods that run with this policy's keepalive values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conformant_pods: Option<i32>,
-    /// Non-conformant matched pods, by reason (NotMutated, PodOverride, HostNetwork, ...).
+    /// Matched pods whose live values the node agent read from the pod's network namespace and found equal to
+    /// the policy's (conformant by what the kernel holds, not only by the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_verified_pods: Option<i32>,
+    /// Established TCP connections of the matched pods read by the node agents, and how many have keepalive armed.
+    /// Sysctls only act on sockets with SO_KEEPALIVE: the rest can still be dropped when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionCounts>,
+    /// `connections` as "with keepalive/established", for the printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_coverage: Option<String>,
+    /// Non-conformant matched pods, by reason (NotMutated, PodOverride, HostNetwork, LiveMismatch, Unverified, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub violation_counts: BTreeMap<String, i32>,
     /// `Ready` (policy accepted, caches synced) and `Conformant` (every matched pod conforms).
@@ -230,13 +253,21 @@ pub struct KeepalivePolicyStatus {
     pub last_evaluated: Option<Time>,
 }
 
+/// Established connections and those with the keepalive timer armed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionCounts {
+    pub established: i64,
+    pub keepalive: i64,
+}
+
 /// One pod that does not conform to its policy.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Violation {
     pub namespace: String,
     pub name: String,
-    /// A CamelCase reason such as NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld or
-    /// LiveMismatch.
+    /// A CamelCase reason such as NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
+    /// LiveMismatch or Unverified.
     pub reason: String,
     pub message: String,
 }
@@ -287,8 +318,13 @@ fn generated_yaml(
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KeepaliveNodeReportSpec {
-    /// When the agent last scanned the node (a heartbeat: refreshed at least every minute).
+    /// When the agent last scanned the node (a heartbeat: refreshed at least every `heartbeatSeconds`).
     pub last_scan: Time,
+    /// How often the agent rewrites the report when nothing changed. A report not refreshed for three heartbeats
+    /// is stale: the controller then judges the node's pods by their spec alone.
+    #[serde(default = "default_heartbeat")]
+    #[schemars(range(min = 1))]
+    pub heartbeat_seconds: i32,
     /// The node's own values, which hostNetwork pods run with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_sysctls: Option<LiveKeepalive>,
@@ -300,6 +336,10 @@ pub struct KeepaliveNodeReportSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
     pub pods: Vec<PodLiveReport>,
+}
+
+fn default_heartbeat() -> i32 {
+    60
 }
 
 /// Keepalive sysctls as the kernel holds them in one network namespace.

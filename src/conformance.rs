@@ -4,6 +4,11 @@
 //!
 //! Pods are held lean ([`LeanPod`]): only what the decision and the report need. Terminated pods (phase
 //! Succeeded or Failed) are not counted: they hold no connections.
+//!
+//! Live readings ([`NodeLive`], from the node agents' reports) take precedence over the pod spec: once a fresh
+//! report of its node exists, a pod counts as conformant only if the kernel holds the policy's values in its
+//! network namespace (else `LiveMismatch`, or `Unverified` without a reading), and a hostNetwork pod is judged
+//! by the node's own values.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -13,12 +18,63 @@ use std::{
 use k8s_openapi::{
     api::core::v1::{Pod, Sysctl},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::{SignedDuration, Timestamp},
 };
 
 use crate::{
-    api::{KeepalivePolicyStatus, MAX_VIOLATIONS, Violation},
-    policy::{self, ClusterFacts, PodFacts, PolicySet, Verdict},
+    api::{ConnectionCounts, KeepaliveNodeReportSpec, KeepalivePolicyStatus, LiveKeepalive, MAX_VIOLATIONS, Violation},
+    policy::{self, ClusterFacts, PodFacts, PolicyEntry, PolicySet, Verdict},
 };
+
+/// A node report not refreshed for this many heartbeats is stale: its agent is gone or cannot write.
+pub const STALE_AFTER_HEARTBEATS: i32 = 3;
+
+/// What a node agent read of one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodReading {
+    /// Absent when the pod could not be read (see `error`).
+    pub sysctls: Option<LiveKeepalive>,
+    pub established: u32,
+    pub keepalive: u32,
+    pub error: Option<Arc<str>>,
+}
+
+/// One node's report, as the controller keeps it: pod readings by pod UID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeLive {
+    pub last_scan: Timestamp,
+    pub stale_after: SignedDuration,
+    /// The node's own values, which hostNetwork pods run with.
+    pub node_sysctls: Option<LiveKeepalive>,
+    pub pods: HashMap<u128, PodReading>,
+}
+
+impl NodeLive {
+    pub fn from_report(spec: &KeepaliveNodeReportSpec) -> Self {
+        NodeLive {
+            last_scan: spec.last_scan.0,
+            stale_after: SignedDuration::from_secs(i64::from(spec.heartbeat_seconds.max(1) * STALE_AFTER_HEARTBEATS)),
+            node_sysctls: spec.node_sysctls,
+            pods: spec
+                .pods
+                .iter()
+                .map(|p| {
+                    let reading = PodReading {
+                        sysctls: p.sysctls,
+                        established: p.established.max(0) as u32,
+                        keepalive: p.keepalive.max(0) as u32,
+                        error: p.error.as_deref().map(Arc::from),
+                    };
+                    (parse_uid(&p.uid), reading)
+                })
+                .collect(),
+        }
+    }
+
+    fn fresh(&self, now: Timestamp) -> bool {
+        now.duration_since(self.last_scan) <= self.stale_after
+    }
+}
 
 /// (namespace, name) of a pod.
 pub type PodKey = (Arc<str>, Arc<str>);
@@ -113,22 +169,38 @@ impl Interner {
     }
 }
 
-fn parse_uid(uid: &str) -> u128 {
+pub fn parse_uid(uid: &str) -> u128 {
     let hex: String = uid.chars().filter(|c| *c != '-').collect();
     u128::from_str_radix(&hex, 16).unwrap_or(0)
 }
 
-/// A pod's place in the tallies: the policy that owns it and, when it does not conform, why.
+/// A pod's place in the tallies: the policy that owns it, when it does not conform why, whether its live values
+/// were read and match, and its connections (when read).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Owned {
     policy: Arc<str>,
     reason: Option<&'static str>,
+    verified: bool,
+    connections: Option<(u32, u32)>,
+}
+
+/// The judgement of one pod against the policy that owns it.
+struct Judgement<'p> {
+    policy: &'p PolicyEntry,
+    verdict: Verdict,
+    verified: bool,
+    connections: Option<(u32, u32)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Tally {
     matched: i32,
     conformant: i32,
+    live_verified: i32,
+    /// Pods with a live reading, and the sums of their connection counts.
+    read: i32,
+    established: i64,
+    keepalive: i64,
     by_reason: BTreeMap<&'static str, i32>,
     /// Non-conformant pods, sorted: the first ones become the status' violations.
     violating: BTreeSet<PodKey>,
@@ -139,6 +211,9 @@ struct Tally {
 pub struct Summary {
     pub matched: i32,
     pub conformant: i32,
+    pub live_verified: i32,
+    /// `None` while no matched pod has a live reading.
+    pub connections: Option<ConnectionCounts>,
     pub by_reason: BTreeMap<String, i32>,
     pub violations: Vec<Violation>,
 }
@@ -151,6 +226,10 @@ pub struct Conformance {
     policies: Arc<PolicySet>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     pods: HashMap<PodKey, (LeanPod, Option<Owned>)>,
+    /// The pods of each node, to judge them again when the node's report changes.
+    by_node: HashMap<Arc<str>, HashSet<PodKey>>,
+    /// Node reports, and whether each was fresh at the last look.
+    nodes: HashMap<Arc<str>, (NodeLive, bool)>,
     tallies: HashMap<Arc<str>, Tally>,
     dirty: HashSet<Arc<str>>,
 }
@@ -201,6 +280,22 @@ impl Conformance {
     }
 
     fn judge(&self, pod: &LeanPod) -> Option<Owned> {
+        let j = self.evaluate(pod)?;
+        let reason = match j.verdict {
+            Verdict::Conformant => None,
+            Verdict::Violation { reason, .. } => Some(reason),
+        };
+        Some(Owned {
+            policy: self.policy_name(&j.policy.name),
+            reason,
+            verified: j.verified,
+            connections: j.connections,
+        })
+    }
+
+    /// The policy that owns the pod and the verdict: by the pod spec, then by the live reading of a fresh node
+    /// report when there is one.
+    fn evaluate(&self, pod: &LeanPod) -> Option<Judgement<'_>> {
         if pod.terminated() {
             return None;
         }
@@ -208,14 +303,74 @@ impl Conformance {
         let facts = pod.facts();
         let decision = policy::decide(&self.policies, labels, &facts, self.cluster);
         let (entry, verdict) = policy::assess(&decision, &facts)?;
-        let reason = match verdict {
-            Verdict::Conformant => None,
-            Verdict::Violation { reason, .. } => Some(reason),
+        let mut judgement = Judgement {
+            policy: entry,
+            verdict,
+            verified: false,
+            connections: None,
         };
-        Some(Owned {
-            policy: self.policy_name(&entry.name),
-            reason,
-        })
+        let Some((node_name, node)) = pod
+            .node
+            .as_ref()
+            .and_then(|n| self.nodes.get(n).filter(|(_, fresh)| *fresh).map(|(live, _)| (n, live)))
+        else {
+            // No agent reports for this node: the pod spec is all there is.
+            return Some(judgement);
+        };
+        let wanted = &entry.spec.keepalive;
+        if pod.host_network {
+            // hostNetwork pods share the node's namespace: nothing was injected, the node's values are what count.
+            match node.node_sysctls {
+                Some(live) if policy::live_differences(wanted, &live).is_empty() => {
+                    judgement.verdict = Verdict::Conformant;
+                    judgement.verified = true;
+                }
+                Some(live) => {
+                    if let Verdict::Violation { message, .. } = &mut judgement.verdict {
+                        message.push_str(&format!(
+                            "; node {node_name} runs with {}",
+                            policy::live_differences(wanted, &live).join(", ")
+                        ));
+                    }
+                }
+                None => {}
+            }
+            return Some(judgement);
+        }
+        let reading = node.pods.get(&pod.uid);
+        judgement.connections = reading
+            .filter(|r| r.sysctls.is_some())
+            .map(|r| (r.established, r.keepalive));
+        match (reading.and_then(|r| r.sysctls), &judgement.verdict) {
+            // The kernel holds the policy's values: conformant, whatever the spec says.
+            (Some(live), _) if policy::live_differences(wanted, &live).is_empty() => {
+                judgement.verdict = Verdict::Conformant;
+                judgement.verified = true;
+            }
+            (Some(live), Verdict::Conformant) => {
+                judgement.verdict = Verdict::Violation {
+                    reason: "LiveMismatch",
+                    message: format!(
+                        "the pod spec has the policy's values but its network namespace holds {} (read by the \
+                         agent on node {node_name})",
+                        policy::live_differences(wanted, &live).join(", ")
+                    ),
+                };
+            }
+            (None, Verdict::Conformant) => {
+                let why = match reading.and_then(|r| r.error.as_deref()) {
+                    Some(error) => format!("the agent on node {node_name} could not read the pod: {error}"),
+                    None => format!("no live reading of the pod yet from the agent on node {node_name}"),
+                };
+                judgement.verdict = Verdict::Violation {
+                    reason: "Unverified",
+                    message: why,
+                };
+            }
+            // A pod that does not conform by its spec keeps that (more telling) reason.
+            _ => {}
+        }
+        Some(judgement)
     }
 
     /// The shared name of a policy of the current set (one allocation per policy, not per pod).
@@ -229,6 +384,14 @@ impl Conformance {
     fn count(&mut self, key: &PodKey, owned: &Owned, sign: i32) {
         let tally = self.tallies.entry(owned.policy.clone()).or_default();
         tally.matched += sign;
+        if owned.verified {
+            tally.live_verified += sign;
+        }
+        if let Some((established, keepalive)) = owned.connections {
+            tally.read += sign;
+            tally.established += i64::from(sign) * i64::from(established);
+            tally.keepalive += i64::from(sign) * i64::from(keepalive);
+        }
         match owned.reason {
             None => tally.conformant += sign,
             Some(reason) => {
@@ -251,8 +414,16 @@ impl Conformance {
     pub fn upsert_pod(&mut self, pod: LeanPod) {
         let key = pod.key();
         let owned = self.judge(&pod);
-        if let Some((_, Some(old))) = self.pods.remove(&key) {
-            self.count(&key, &old, -1);
+        if let Some((old_pod, old)) = self.pods.remove(&key) {
+            if old_pod.node != pod.node {
+                self.unindex(&key, old_pod.node.as_ref());
+                self.index(&key, pod.node.as_ref());
+            }
+            if let Some(old) = old {
+                self.count(&key, &old, -1);
+            }
+        } else {
+            self.index(&key, pod.node.as_ref());
         }
         if let Some(new) = &owned {
             self.count(&key, new, 1);
@@ -261,15 +432,98 @@ impl Conformance {
     }
 
     pub fn remove_pod(&mut self, key: &PodKey) {
-        if let Some((_, Some(old))) = self.pods.remove(key) {
-            self.count(key, &old, -1);
+        if let Some((pod, old)) = self.pods.remove(key) {
+            self.unindex(key, pod.node.as_ref());
+            if let Some(old) = old {
+                self.count(key, &old, -1);
+            }
+        }
+    }
+
+    fn index(&mut self, key: &PodKey, node: Option<&Arc<str>>) {
+        if let Some(node) = node {
+            self.by_node.entry(node.clone()).or_default().insert(key.clone());
+        }
+    }
+
+    fn unindex(&mut self, key: &PodKey, node: Option<&Arc<str>>) {
+        if let Some(node) = node
+            && let Some(keys) = self.by_node.get_mut(node)
+        {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_node.remove(node);
+            }
         }
     }
 
     /// Replaces all pods (a watch relist).
     pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = LeanPod>) {
         self.pods = pods.into_iter().map(|p| (p.key(), (p, None))).collect();
+        self.by_node.clear();
+        for (key, (pod, _)) in &self.pods {
+            if let Some(node) = &pod.node {
+                self.by_node.entry(node.clone()).or_default().insert(key.clone());
+            }
+        }
         self.recompute_all();
+    }
+
+    /// A node report was written: the pods of that node are judged again.
+    pub fn set_node_report(&mut self, node: &str, live: NodeLive, now: Timestamp) {
+        let fresh = live.fresh(now);
+        if self.nodes.get(node) == Some(&(live.clone(), fresh)) {
+            return;
+        }
+        let node: Arc<str> = self.interner.str(node);
+        self.nodes.insert(node.clone(), (live, fresh));
+        self.recompute_node(&node);
+    }
+
+    pub fn remove_node_report(&mut self, node: &str) {
+        if let Some((name, _)) = self.nodes.remove_entry(node) {
+            self.recompute_node(&name);
+        }
+    }
+
+    /// Replaces all node reports (a watch relist).
+    pub fn replace_node_reports(&mut self, reports: impl IntoIterator<Item = (String, NodeLive)>, now: Timestamp) {
+        let old: Vec<Arc<str>> = self.nodes.keys().cloned().collect();
+        self.nodes.clear();
+        for name in old {
+            self.recompute_node(&name);
+        }
+        for (name, live) in reports {
+            self.set_node_report(&name, live, now);
+        }
+    }
+
+    /// Reports that went stale since the last look (or fresh again): their nodes' pods are judged again.
+    pub fn expire_node_reports(&mut self, now: Timestamp) {
+        let flipped: Vec<Arc<str>> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|(name, (live, fresh))| {
+                let now_fresh = live.fresh(now);
+                (now_fresh != *fresh).then(|| {
+                    *fresh = now_fresh;
+                    name.clone()
+                })
+            })
+            .collect();
+        for name in flipped {
+            self.recompute_node(&name);
+        }
+    }
+
+    fn recompute_node(&mut self, node: &str) {
+        let keys: Vec<PodKey> = self.by_node.get(node).into_iter().flatten().cloned().collect();
+        for key in keys {
+            if let Some((pod, _)) = self.pods.get(&key) {
+                let pod = pod.clone();
+                self.upsert_pod(pod);
+            }
+        }
     }
 
     /// New policies: every pod is judged again.
@@ -345,11 +599,8 @@ impl Conformance {
             .take(MAX_VIOLATIONS)
             .filter_map(|key| {
                 let (pod, _) = self.pods.get(key)?;
-                let labels = self.namespaces.get(&*pod.namespace).unwrap_or(&NO_LABELS);
-                let facts = pod.facts();
-                let decision = policy::decide(&self.policies, labels, &facts, self.cluster);
-                match policy::assess(&decision, &facts)? {
-                    (_, Verdict::Violation { reason, message }) => Some(Violation {
+                match self.evaluate(pod)?.verdict {
+                    Verdict::Violation { reason, message } => Some(Violation {
                         namespace: pod.namespace.to_string(),
                         name: pod.name.to_string(),
                         reason: reason.to_string(),
@@ -362,6 +613,11 @@ impl Conformance {
         Some(Summary {
             matched: tally.matched,
             conformant: tally.conformant,
+            live_verified: tally.live_verified,
+            connections: (tally.read > 0).then_some(ConnectionCounts {
+                established: tally.established,
+                keepalive: tally.keepalive,
+            }),
             by_reason: tally.by_reason.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             violations,
         })
@@ -434,6 +690,11 @@ pub fn status(
         observed_generation: generation,
         matched_pods: Some(summary.matched),
         conformant_pods: Some(summary.conformant),
+        live_verified_pods: Some(summary.live_verified),
+        connections: summary.connections,
+        connection_coverage: summary
+            .connections
+            .map(|c| format!("{}/{}", c.keepalive, c.established)),
         violation_counts: summary.by_reason.clone(),
         conditions,
         violations: summary.violations.clone(),

@@ -416,6 +416,20 @@ fn describe(sysctls: &[Sysctl]) -> String {
         .join(" ")
 }
 
+/// How the live values of a network namespace differ from a policy's, as `name=live (policy: wanted)`; empty
+/// when they are equal.
+pub fn live_differences(wanted: &KeepaliveSettings, live: &crate::api::LiveKeepalive) -> Vec<String> {
+    [
+        (SYSCTL_TIME, live.time, wanted.time),
+        (SYSCTL_INTERVAL, live.interval, wanted.interval),
+        (SYSCTL_PROBES, live.probes, wanted.probes),
+    ]
+    .into_iter()
+    .filter(|(_, live, wanted)| live != wanted)
+    .map(|(name, live, wanted)| format!("{name}={live} (policy: {wanted})"))
+    .collect()
+}
+
 fn same_value(value: &str, wanted: i32) -> bool {
     value.trim().parse::<i64>().ok() == Some(i64::from(wanted))
 }

@@ -22,10 +22,10 @@ use kube::{
 use tokio::sync::watch;
 
 use crate::{
-    api::{KeepalivePolicy, KeepalivePolicyStatus},
+    api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus},
     cache::{Caches, NamespaceChanges},
     certs::FIELD_MANAGER,
-    conformance::{self, Conformance, LeanPod},
+    conformance::{self, Conformance, LeanPod, NodeLive},
     metrics::{CacheLabels, Metrics, OutcomeLabels, PodStateLabels},
     policy::ClusterFacts,
 };
@@ -42,6 +42,7 @@ pub struct Reconciler {
     recorder: Recorder,
     state: Conformance,
     pods_synced: bool,
+    reports_synced: bool,
     /// Policies waiting for a write, and when each was last written.
     pending: std::collections::HashSet<Arc<str>>,
     last_write: HashMap<Arc<str>, Instant>,
@@ -67,6 +68,7 @@ impl Reconciler {
             recorder,
             state: Conformance::new(cluster),
             pods_synced: false,
+            reports_synced: false,
             pending: Default::default(),
             last_write: Default::default(),
             last_status: Default::default(),
@@ -78,6 +80,13 @@ impl Reconciler {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut pods = std::pin::pin!(pods);
         let mut relist: Vec<LeanPod> = Vec::new();
+        let reports = watcher(
+            Api::<KeepaliveNodeReport>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff();
+        let mut reports = std::pin::pin!(reports);
+        let mut report_relist: Vec<(String, NodeLive)> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         let mut policies = Arc::new(crate::policy::PolicySet::default());
         let mut changes = self.caches.subscribe();
@@ -104,6 +113,36 @@ impl Reconciler {
                     Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
                     None => return,
                 },
+                event = reports.next() => match event {
+                    Some(Ok(watcher::Event::Init)) => report_relist.clear(),
+                    Some(Ok(watcher::Event::InitApply(r))) => {
+                        report_relist.extend(r.metadata.name.clone().map(|n| (n, NodeLive::from_report(&r.spec))));
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        self.state.replace_node_reports(std::mem::take(&mut report_relist), Timestamp::now());
+                        self.reports_synced = true;
+                    }
+                    Some(Ok(watcher::Event::Apply(r))) => {
+                        if let Some(name) = &r.metadata.name {
+                            self.state.set_node_report(name, NodeLive::from_report(&r.spec), Timestamp::now());
+                        }
+                    }
+                    Some(Ok(watcher::Event::Delete(r))) => {
+                        if let Some(name) = &r.metadata.name {
+                            self.state.remove_node_report(name);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // Without the node report CRD (no agents installed), pods are judged by their spec alone.
+                        if !self.reports_synced && is_not_found(&e) {
+                            tracing::warn!("the KeepaliveNodeReport CRD is not installed: judging pods by spec only");
+                            self.reports_synced = true;
+                        } else {
+                            tracing::warn!(error = %e, "node report watch failed; retrying");
+                        }
+                    }
+                    None => return,
+                },
                 _ = changes.changed() => {
                     let current = self.caches.policies();
                     tracing::debug!(policies = current.len(), "caches changed");
@@ -125,9 +164,10 @@ impl Reconciler {
                 }
                 _ = tick.tick() => {
                     self.metrics.cache_objects.get_or_create(&CacheLabels { cache: "pods" }).set(self.state.pod_count() as i64);
+                    self.state.expire_node_reports(Timestamp::now());
                     let leader = *leading.borrow();
                     self.metrics.leader.set(i64::from(leader));
-                    if leader && self.pods_synced && self.caches.ready() {
+                    if leader && self.pods_synced && self.reports_synced && self.caches.ready() {
                         self.write_statuses().await;
                     }
                 }
@@ -232,6 +272,7 @@ impl Reconciler {
         };
         set("matched", summary.matched);
         set("conformant", summary.conformant);
+        set("live_verified", summary.live_verified);
         for (reason, n) in &summary.by_reason {
             set(reason, *n);
         }
@@ -268,4 +309,14 @@ impl Reconciler {
             }
         }
     }
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.code == 404
+    )
 }

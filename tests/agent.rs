@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use keepalive_operator::api::{KeepaliveNodeReport, LiveKeepalive};
+use keepalive_operator::api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, LiveKeepalive};
 use kube::{
     Api,
     api::{DeleteParams, PostParams},
@@ -48,27 +48,7 @@ async fn the_node_report_shows_live_values_and_connections() {
     let _tuned_conns = tuned.connect(2, 1);
     let _default_conns = default.connect(0, 2);
 
-    let log = cp.work_dir().join("agent.log");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
-    // A process in the host's network namespace stands in for the node's init.
-    let host_process = HostProcess(
-        std::process::Command::new("sleep")
-            .arg("600")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let node_pid = format!("--node-netns-pid={}", host_process.0.id());
-    cmd.args([
-        "agent",
-        "--node-name=node-under-test",
-        "--scan-interval-seconds=1",
-        &node_pid,
-    ])
-    .env("KUBECONFIG", cp.kubeconfig());
-    let agent = xtask::cluster::spawn_logged(cmd, &log).unwrap();
+    let agent = Agent::start(cp, "node-under-test");
 
     let reports: Api<KeepaliveNodeReport> = Api::all(client.clone());
     let report = eventually(
@@ -127,16 +107,173 @@ async fn the_node_report_shows_live_values_and_connections() {
         },
     )
     .await;
-    xtask::cluster::kill(agent);
-    drop(host_process);
+    drop(agent);
 }
 
-/// Killed on drop, also when the test fails.
-struct HostProcess(std::process::Child);
+/// The whole chain: the webhook injects the policy's values into pods bound to a node, the agent reads what the
+/// kernel holds in each pod's namespace, and the controller joins both in the policy status — conformant and
+/// live-verified where the kernel agrees, `LiveMismatch` where it does not, with the connection coverage.
+#[tokio::test]
+async fn policy_status_joins_the_live_readings() {
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    if Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get_opt("keepalive-system")
+        .await
+        .unwrap()
+        .is_none()
+    {
+        namespace(&client, "keepalive-system", &[]).await;
+    }
+    let dir = cp.work_dir().join("live-chain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_serving_cert(&dir);
+    let op = Operator::start(
+        cp,
+        "live-chain",
+        &[
+            "--lease-name=live-chain",
+            "--namespace=keepalive-system",
+            &format!("--tls-cert-file={}", cert.display()),
+            &format!("--tls-key-file={}", key.display()),
+        ],
+    );
+    register_webhook(&client, "keepalive-live-chain", &op.url(), Some(&ca), "live-chain").await;
+    for ns in ["live-agrees", "live-differs"] {
+        namespace(&client, ns, &[("scope", "live-chain"), ("test", "live-chain")]).await;
+    }
+    create_policy(
+        &client,
+        "live-chain",
+        json!({"namespaceSelector": {"matchLabels": {"test": "live-chain"}},
+               "keepalive": {"time": 20, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    // Pods are created once the webhook knows the policy, bound to the test node.
+    let bound = json!({"spec": {"nodeName": "live-chain-node"}});
+    let agrees = eventually(Duration::from_secs(15), "a mutated pod", || async {
+        let pod = create_pod(&client, "live-agrees", "app", bound.clone()).await.ok()?;
+        if sysctls(&pod) == keepalive(20, 5, 3) {
+            return Some(pod);
+        }
+        Api::<Pod>::namespaced(client.clone(), "live-agrees")
+            .delete("app", &DeleteParams::default().grace_period(0))
+            .await
+            .ok()?;
+        None
+    })
+    .await;
+    let differs = create_pod(&client, "live-differs", "app", bound.clone()).await.unwrap();
+    assert_eq!(sysctls(&differs), keepalive(20, 5, 3), "both pods are mutated");
 
-impl Drop for HostProcess {
+    // Before any agent runs on the node, the spec is all there is: both conform.
+    let policies: Api<KeepalivePolicy> = Api::all(client.clone());
+    let status = |what: &'static str, check: fn(&KeepalivePolicyStatus) -> bool| {
+        let policies = policies.clone();
+        async move {
+            eventually(Duration::from_secs(30), what, || async {
+                policies.get("live-chain").await.ok()?.status.filter(check)
+            })
+            .await
+        }
+    };
+    status("both pods conformant by spec", |s| s.conformant_pods == Some(2)).await;
+
+    // The kernel: one namespace holds the injected values, the other (say, the runtime dropped them) the
+    // defaults. Each holds connections with and without SO_KEEPALIVE.
+    let uid = |p: &Pod| p.metadata.uid.clone().unwrap();
+    let good = Sandbox::new("live-ok", &uid(&agrees), Layout::CgroupfsBurstable, Some((20, 5, 3)));
+    let bad = Sandbox::new("live-bad", &uid(&differs), Layout::SystemdBestEffort, None);
+    let _good_conns = good.connect(2, 1);
+    let _bad_conns = bad.connect(1, 1);
+    let agent = Agent::start(cp, "live-chain-node");
+
+    let s = status("one pod live-verified, one LiveMismatch", |s| {
+        s.live_verified_pods == Some(1) && s.violation_counts.get("LiveMismatch") == Some(&1)
+    })
+    .await;
+    assert_eq!((s.matched_pods, s.conformant_pods), (Some(2), Some(1)));
+    assert_eq!(s.violations.len(), 1);
+    let v = &s.violations[0];
+    assert_eq!(
+        (v.namespace.as_str(), v.name.as_str(), v.reason.as_str()),
+        ("live-differs", "app", "LiveMismatch")
+    );
+    assert!(
+        v.message.contains("net.ipv4.tcp_keepalive_time=7200 (policy: 20)") && v.message.contains("live-chain-node"),
+        "{}",
+        v.message
+    );
+    // Loopback: both ends of each connection are in the pod's namespace; only the client side arms keepalive.
+    assert_eq!(
+        s.connections,
+        Some(keepalive_operator::api::ConnectionCounts {
+            established: 10,
+            keepalive: 3
+        })
+    );
+    let report = Api::<KeepaliveNodeReport>::all(client.clone())
+        .get("live-chain-node")
+        .await
+        .unwrap();
+    let live = |name: &str| report.spec.pods.iter().find(|p| p.namespace == name).unwrap().sysctls;
+    assert_eq!(live("live-agrees").map(|v| v.time), Some(20));
+    assert_eq!(live("live-differs").map(|v| v.time), Some(7200));
+
+    // The real kubectl shows it.
+    let out = cp.kubectl_output(&["get", "kap", "live-chain"]).unwrap();
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[5..9], ["2", "1", "1", "3/10"], "{out}");
+
+    // The pod whose process vanished: unverified, not conformant on spec alone.
+    drop(good);
+    let s = status("the vanished pod unverified", |s| {
+        s.violation_counts.get("Unverified") == Some(&1)
+    })
+    .await;
+    assert_eq!((s.conformant_pods, s.live_verified_pods), (Some(0), Some(0)));
+    let v = s.violations.iter().find(|v| v.reason == "Unverified").unwrap();
+    assert!(v.message.contains("no process"), "{}", v.message);
+    drop(agent);
+    drop(bad);
+}
+
+/// `keepalive-operator agent` for `node` as a real process, scanning every second. Killed on drop.
+struct Agent {
+    child: Option<std::process::Child>,
+    // A process in the host's network namespace stands in for the node's init.
+    host_process: std::process::Child,
+}
+
+impl Agent {
+    fn start(cp: &xtask::ControlPlane, node: &str) -> Agent {
+        let host_process = std::process::Command::new("sleep")
+            .arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
+        cmd.args(["agent", "--scan-interval-seconds=1"])
+            .arg(format!("--node-name={node}"))
+            .arg(format!("--node-netns-pid={}", host_process.id()))
+            .env("KUBECONFIG", cp.kubeconfig());
+        let log = cp.work_dir().join(format!("agent-{node}.log"));
+        let child = xtask::cluster::spawn_logged(cmd, &log).unwrap();
+        Agent {
+            child: Some(child),
+            host_process,
+        }
+    }
+}
+
+impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(child) = self.child.take() {
+            xtask::cluster::kill(child);
+        }
+        let _ = self.host_process.kill();
+        let _ = self.host_process.wait();
     }
 }

@@ -298,7 +298,8 @@ async fn kubectl_get_prints_the_columns() {
     let status = json!({
         "apiVersion": "keepalive.dev/v1alpha1",
         "kind": "KeepalivePolicy",
-        "status": {"observedGeneration": 1, "matchedPods": 7, "conformantPods": 5},
+        "status": {"observedGeneration": 1, "matchedPods": 7, "conformantPods": 5, "liveVerifiedPods": 4,
+            "connections": {"established": 12, "keepalive": 9}, "connectionCoverage": "9/12"},
     });
     policies
         .patch_status(
@@ -322,17 +323,19 @@ async fn kubectl_get_prints_the_columns() {
                 "MODE",
                 "MATCHED",
                 "CONFORMANT",
+                "LIVE",
+                "COVERAGE",
                 "AGE"
             ],
             "kubectl get {resource}:\n{out}"
         );
         assert_eq!(
-            lines[1][..7],
-            ["printer-columns", "45", "9", "4", "Fill", "7", "5"],
+            lines[1][..9],
+            ["printer-columns", "45", "9", "4", "Fill", "7", "5", "4", "9/12"],
             "kubectl get {resource}:\n{out}"
         );
         assert!(
-            lines[1][7].ends_with('s') || lines[1][7].ends_with('m'),
+            lines[1][9].ends_with('s') || lines[1][9].ends_with('m'),
             "AGE column: {out}"
         );
     }

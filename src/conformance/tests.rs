@@ -161,6 +161,8 @@ fn status_conditions_and_transition_times() {
         conformant: 1,
         by_reason: [("NotMutated".into(), 2)].into(),
         violations: vec![],
+        live_verified: 0,
+        connections: None,
     };
     let s0 = status(&summary, Some(4), ClusterFacts::default(), None, &t0);
     assert_eq!(s0.observed_generation, Some(4));
@@ -178,10 +180,150 @@ fn status_conditions_and_transition_times() {
         conformant: 3,
         by_reason: Default::default(),
         violations: vec![],
+        live_verified: 2,
+        connections: Some(ConnectionCounts {
+            established: 10,
+            keepalive: 4,
+        }),
     };
     let s2 = status(&fixed, Some(4), ClusterFacts::default(), Some(&s1), &t1);
     assert_eq!(s2.conditions[1].status, "True");
     assert_eq!(s2.conditions[1].last_transition_time, t1);
+    assert_eq!(s2.live_verified_pods, Some(2));
+    assert_eq!(s2.connection_coverage.as_deref(), Some("4/10"));
     let old = status(&fixed, Some(4), ClusterFacts::from_version("1", "28", false), None, &t1);
     assert_eq!(old.conditions[0].reason, "ClusterTooOld");
+}
+
+fn on_node(mut p: LeanPod, node: &str, uid: u128) -> LeanPod {
+    p.node = Some(node.into());
+    p.uid = uid;
+    p
+}
+
+fn reading(time: i32, established: u32, keepalive: u32) -> PodReading {
+    PodReading {
+        sysctls: Some(LiveKeepalive {
+            time,
+            interval: 10,
+            probes: 3,
+        }),
+        established,
+        keepalive,
+        error: None,
+    }
+}
+
+fn node_live(at: i64, node_time: i32, pods: Vec<(u128, PodReading)>) -> NodeLive {
+    NodeLive {
+        last_scan: Timestamp::from_second(at).unwrap(),
+        stale_after: SignedDuration::from_secs(180),
+        node_sysctls: Some(LiveKeepalive {
+            time: node_time,
+            interval: 10,
+            probes: 3,
+        }),
+        pods: pods.into_iter().collect(),
+    }
+}
+
+#[test]
+fn live_readings_decide_once_a_fresh_report_exists() {
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[("all", json!({}))]));
+    c.upsert_pod(on_node(pod("a", "good", &[], Some("60")), "n1", 1));
+    c.upsert_pod(on_node(pod("a", "drifted", &[], Some("60")), "n1", 2));
+    c.upsert_pod(on_node(pod("a", "unread", &[], Some("60")), "n1", 3));
+    c.upsert_pod(on_node(pod("a", "failed", &[], Some("60")), "n1", 4));
+    c.upsert_pod(on_node(pod("a", "old", &[], None), "n1", 5));
+    let mut hn = on_node(pod("a", "hostnet", &[], None), "n1", 6);
+    hn.host_network = true;
+    c.upsert_pod(hn);
+    c.upsert_pod(on_node(pod("a", "elsewhere", &[], Some("60")), "n2", 7));
+    // Without reports: by spec.
+    let s = c.summary("all").unwrap();
+    assert_eq!(
+        (s.matched, s.conformant, s.live_verified, s.connections),
+        (7, 5, 0, None)
+    );
+
+    let failed = PodReading {
+        sysctls: None,
+        established: 0,
+        keepalive: 0,
+        error: Some("no process of the pod found on the host".into()),
+    };
+    c.set_node_report(
+        "n1",
+        node_live(
+            now.as_second() - 5,
+            60,
+            vec![
+                (1, reading(60, 4, 3)),
+                (2, reading(7200, 2, 0)),
+                (4, failed),
+                (5, reading(7200, 1, 1)),
+            ],
+        ),
+        now,
+    );
+    let s = c.summary("all").unwrap();
+    assert_eq!(s.matched, 7);
+    // good + hostnet (node values equal the policy's) + elsewhere (no agent on n2: spec only).
+    assert_eq!((s.conformant, s.live_verified), (3, 2));
+    assert_eq!(
+        s.by_reason,
+        [
+            ("LiveMismatch".to_string(), 1),
+            ("NotMutated".to_string(), 1),
+            ("Unverified".to_string(), 2)
+        ]
+        .into()
+    );
+    assert_eq!(
+        s.connections,
+        Some(ConnectionCounts {
+            established: 7,
+            keepalive: 4
+        })
+    );
+    let message = |name: &str| s.violations.iter().find(|v| v.name == name).unwrap().message.clone();
+    assert!(message("drifted").contains("net.ipv4.tcp_keepalive_time=7200 (policy: 60)"));
+    assert!(message("failed").contains("no process"), "{}", message("failed"));
+    assert!(message("unread").contains("no live reading"), "{}", message("unread"));
+    assert_consistent(&mut c);
+
+    // The node's values differ: the hostNetwork pod is flagged with them.
+    c.set_node_report(
+        "n1",
+        node_live(now.as_second() - 5, 7200, vec![(1, reading(60, 4, 3))]),
+        now,
+    );
+    let s = c.summary("all").unwrap();
+    let hostnet = s.violations.iter().find(|v| v.name == "hostnet").unwrap();
+    assert_eq!(hostnet.reason, "HostNetwork");
+    assert!(
+        hostnet
+            .message
+            .contains("node n1 runs with net.ipv4.tcp_keepalive_time=7200"),
+        "{}",
+        hostnet.message
+    );
+
+    // The report goes stale (no heartbeat for three minutes): back to the spec.
+    c.expire_node_reports(Timestamp::from_second(now.as_second() + 200).unwrap());
+    let s = c.summary("all").unwrap();
+    assert_eq!((s.conformant, s.live_verified, s.connections), (5, 0, None));
+    assert_consistent(&mut c);
+
+    // A report for n2 appears: its pod, not read yet, is unverified; a deleted report forgets the node.
+    c.set_node_report("n2", node_live(now.as_second() + 195, 60, vec![]), now);
+    c.expire_node_reports(Timestamp::from_second(now.as_second() + 200).unwrap());
+    assert_eq!(c.summary("all").unwrap().by_reason.get("Unverified"), Some(&1));
+    c.remove_node_report("n2");
+    assert_eq!(c.summary("all").unwrap().by_reason.get("Unverified"), None);
+    c.remove_pod(&(Arc::from("a"), Arc::from("elsewhere")));
+    assert!(!c.by_node.contains_key("n2"), "the node index forgets empty nodes");
+    assert_consistent(&mut c);
 }
