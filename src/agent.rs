@@ -2,13 +2,19 @@
 //! kubelet lays cgroups out), the keepalive sysctls inside that pod's network namespace, and how many of its
 //! established TCP connections have the keepalive timer armed (sock_diag, inside the namespace).
 //!
-//! Reading a namespaced sysctl means being in the namespace: each read runs on a short-lived thread of its own
-//! that enters the pod's network namespace (setns) and ends; no thread that does other work ever switches.
+//! Reading a namespaced sysctl means being in the namespace: a short-lived thread of its own enters the pod's
+//! network namespace (setns), opens the three sysctl files and a sock_diag socket, and ends; no thread that does
+//! other work ever switches. Both stay bound to the namespace they were opened in, so a [`NetnsHandle`] kept
+//! across scans reads the pod again without entering it (entering costs about a millisecond: the kernel rebuilds
+//! its /proc/sys entries for every namespace switch).
 
 use std::{
     collections::{HashMap, HashSet},
     fs,
-    os::fd::AsRawFd,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::{FileExt, MetadataExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -119,63 +125,110 @@ fn in_netns<T: Send>(
     })
 }
 
-/// Reads the keepalive sysctls in the network namespace of `pid`.
-pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError> {
-    in_netns(proc_root, pid, read_own_sysctls)
+/// The network namespace of `pid`, as its nsfs inode number (what `readlink /proc/<pid>/ns/net` shows).
+pub fn netns_inode(proc_root: &Path, pid: u32) -> Result<u64, ReadError> {
+    fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))
+        .map(|m| m.ino())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ReadError::Vanished { pid },
+            _ => ReadError::Enter { pid, source: e },
+        })
 }
 
-fn read_own_sysctls() -> Result<LiveSysctls, ReadError> {
-    let read = |name: &str| -> Result<i32, ReadError> {
-        let path = PathBuf::from("/proc/sys").join(name.replace('.', "/"));
-        let text = fs::read_to_string(&path).map_err(|source| ReadError::Read {
-            what: path.display().to_string(),
-            source,
-        })?;
-        text.trim().parse().map_err(|_| ReadError::Read {
-            what: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_string()),
+/// One network namespace, held open: its three keepalive sysctl files and a sock_diag socket, all bound to the
+/// namespace they were opened in. Reads need no namespace switch; once the namespace is gone they fail.
+#[derive(Debug)]
+pub struct NetnsHandle {
+    /// The namespace's nsfs inode number, to notice a pod whose namespace was replaced.
+    pub inode: u64,
+    files: [fs::File; 3],
+    diag: OwnedFd,
+}
+
+impl NetnsHandle {
+    /// Opens the handle by entering the network namespace of `pid` once, on a thread of its own.
+    pub fn open(proc_root: &Path, pid: u32) -> Result<NetnsHandle, ReadError> {
+        let inode = netns_inode(proc_root, pid)?;
+        in_netns(proc_root, pid, || {
+            let open = |name: &str| {
+                let path = PathBuf::from("/proc/sys").join(name.replace('.', "/"));
+                fs::File::open(&path).map_err(|source| ReadError::Read {
+                    what: path.display().to_string(),
+                    source,
+                })
+            };
+            let files = [open(SYSCTL_TIME)?, open(SYSCTL_INTERVAL)?, open(SYSCTL_PROBES)?];
+            let diag = sock_diag::socket().map_err(|source| ReadError::Read {
+                what: "sock_diag socket".into(),
+                source,
+            })?;
+            Ok(NetnsHandle { inode, files, diag })
         })
-    };
-    Ok(LiveSysctls {
-        time: read(SYSCTL_TIME)?,
-        interval: read(SYSCTL_INTERVAL)?,
-        probes: read(SYSCTL_PROBES)?,
-    })
+    }
+
+    /// The keepalive sysctls as the kernel holds them now.
+    pub fn sysctls(&self) -> Result<LiveSysctls, ReadError> {
+        let read = |i: usize, name: &str| -> Result<i32, ReadError> {
+            let mut buf = [0u8; 32];
+            let n = self.files[i].read_at(&mut buf, 0).map_err(|source| ReadError::Read {
+                what: name.to_string(),
+                source,
+            })?;
+            let text = String::from_utf8_lossy(&buf[..n]);
+            text.trim().parse().map_err(|_| ReadError::Read {
+                what: name.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, text.trim().to_string()),
+            })
+        };
+        Ok(LiveSysctls {
+            time: read(0, SYSCTL_TIME)?,
+            interval: read(1, SYSCTL_INTERVAL)?,
+            probes: read(2, SYSCTL_PROBES)?,
+        })
+    }
+
+    /// Established TCP connections (IPv4 and IPv6) and those with keepalive armed, by one sock_diag dump.
+    pub fn connections(&self) -> Result<Connections, ReadError> {
+        sock_diag::established_tcp(&self.diag).map_err(|source| ReadError::Read {
+            what: "sock_diag".into(),
+            source,
+        })
+    }
+}
+
+/// Reads the keepalive sysctls in the network namespace of `pid`.
+pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError> {
+    NetnsHandle::open(proc_root, pid)?.sysctls()
 }
 
 /// Sysctls and connections of the network namespace of `pid`, with one entry into the namespace.
 pub fn read_pod(proc_root: &Path, pid: u32) -> Result<(LiveSysctls, Connections), ReadError> {
-    in_netns(proc_root, pid, || Ok((read_own_sysctls()?, count_own_connections()?)))
+    let handle = NetnsHandle::open(proc_root, pid)?;
+    Ok((handle.sysctls()?, handle.connections()?))
 }
 
 /// Established TCP connections of the network namespace of `pid`, counted through a sock_diag netlink dump
-/// inside the namespace (reading /proc/<pid>/net/tcp would walk the kernel's whole established-connection
+/// inside the namespace (reading /proc/<pid>/net/tcp would format the kernel's whole established-connection
 /// table for every namespace, milliseconds each).
 pub fn read_connections(proc_root: &Path, pid: u32) -> Result<Connections, ReadError> {
-    in_netns(proc_root, pid, count_own_connections)
-}
-
-fn count_own_connections() -> Result<Connections, ReadError> {
-    let mut total = Connections::default();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        let c = sock_diag::established_tcp(family as u8).map_err(|source| ReadError::Read {
-            what: "sock_diag".into(),
-            source,
-        })?;
-        total.established += c.established;
-        total.keepalive += c.keepalive;
-    }
-    Ok(total)
+    NetnsHandle::open(proc_root, pid)?.connections()
 }
 
 mod sock_diag {
-    //! A minimal NETLINK_SOCK_DIAG client: dump the TCP sockets of the current network namespace in state
-    //! ESTABLISHED and read each one's timer (2 = keepalive).
-    use std::{io, mem::size_of};
+    //! A minimal NETLINK_SOCK_DIAG client: dump the TCP sockets of the socket's network namespace in state
+    //! ESTABLISHED and read each one's timer (2 = keepalive). The request is the original inet_diag one
+    //! (TCPDIAG_GETSOCK), which dumps IPv4 and IPv6 in a single walk of the kernel's connection table — the walk
+    //! is most of the cost, and the table is shared by all namespaces.
+    use std::{
+        io,
+        mem::size_of,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        sync::atomic::{AtomicU32, Ordering},
+    };
 
     use super::Connections;
 
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCPDIAG_GETSOCK: u16 = 18;
     const TCP_ESTABLISHED: u8 = 1;
     const TIMER_KEEPALIVE: u8 = 2;
 
@@ -190,30 +243,25 @@ mod sock_diag {
         cookie: [u32; 2],
     }
 
+    /// `struct nlmsghdr` + `struct inet_diag_req`.
     #[repr(C)]
     struct Request {
         nlh: libc::nlmsghdr,
         family: u8,
-        protocol: u8,
+        src_len: u8,
+        dst_len: u8,
         ext: u8,
-        pad: u8,
-        states: u32,
         id: SockId,
+        states: u32,
+        dbs: u32,
     }
 
     /// Offsets in `struct inet_diag_msg`.
     const MSG_STATE: usize = 1;
     const MSG_TIMER: usize = 2;
 
-    struct Fd(i32);
-    impl Drop for Fd {
-        fn drop(&mut self) {
-            // SAFETY: closing a descriptor this value owns.
-            unsafe { libc::close(self.0) };
-        }
-    }
-
-    pub fn established_tcp(family: u8) -> io::Result<Connections> {
+    /// A sock_diag socket in the calling thread's network namespace.
+    pub fn socket() -> io::Result<OwnedFd> {
         // SAFETY: plain socket(2).
         let fd = unsafe {
             libc::socket(
@@ -225,26 +273,33 @@ mod sock_diag {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let fd = Fd(fd);
+        // SAFETY: a descriptor just returned by socket(2), owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    pub fn established_tcp(fd: &OwnedFd) -> io::Result<Connections> {
+        static SEQ: AtomicU32 = AtomicU32::new(1);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             nlh: libc::nlmsghdr {
                 nlmsg_len: size_of::<Request>() as u32,
-                nlmsg_type: SOCK_DIAG_BY_FAMILY,
+                nlmsg_type: TCPDIAG_GETSOCK,
                 nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
-                nlmsg_seq: 1,
+                nlmsg_seq: seq,
                 nlmsg_pid: 0,
             },
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
+            family: libc::AF_UNSPEC as u8,
+            src_len: 0,
+            dst_len: 0,
             ext: 0,
-            pad: 0,
-            states: 1 << TCP_ESTABLISHED,
             id: SockId::default(),
+            states: 1 << TCP_ESTABLISHED,
+            dbs: 0,
         };
         // SAFETY: sending the bytes of a plain-old-data struct we own.
         let sent = unsafe {
             libc::send(
-                fd.0,
+                fd.as_raw_fd(),
                 &request as *const Request as *const libc::c_void,
                 size_of::<Request>(),
                 0,
@@ -254,10 +309,10 @@ mod sock_diag {
             return Err(io::Error::last_os_error());
         }
         let mut counts = Connections::default();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 32 * 1024];
         loop {
             // SAFETY: receiving into a buffer we own, bounded by its length.
-            let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -265,17 +320,20 @@ mod sock_diag {
             while data.len() >= size_of::<libc::nlmsghdr>() {
                 let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
                 let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
+                let reply_seq = u32::from_ne_bytes(data[8..12].try_into().unwrap());
                 if len < size_of::<libc::nlmsghdr>() || len > data.len() {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                let aligned = (len + 3) & !3;
+                if reply_seq != seq {
+                    // Left over from an earlier dump that failed halfway: skip it.
+                    data = &data[aligned.min(data.len())..];
+                    continue;
                 }
                 match kind as i32 {
                     libc::NLMSG_DONE => return Ok(counts),
                     libc::NLMSG_ERROR => {
                         let errno = i32::from_ne_bytes(data[16..20].try_into().unwrap());
-                        // IPv6 not available in this namespace: no IPv6 connections.
-                        if -errno == libc::ENOENT || -errno == libc::EAFNOSUPPORT {
-                            return Ok(counts);
-                        }
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
                     _ => {
@@ -288,7 +346,6 @@ mod sock_diag {
                         }
                     }
                 }
-                let aligned = (len + 3) & !3;
                 data = &data[aligned.min(data.len())..];
             }
         }

@@ -69,71 +69,153 @@ impl NodePod {
     }
 }
 
-/// One scan of the node: the readings of every running pod (hostNetwork pods are judged by the node's values),
-/// keeping `readAt` of readings that did not change.
-pub fn scan(
-    proc_root: &std::path::Path,
+/// The agent's scan state: an open [`agent::NetnsHandle`] on each pod's network namespace, kept across scans, so
+/// a pod's namespace is entered once in its life (and again only if its namespace is replaced).
+pub struct Scanner {
+    proc_root: PathBuf,
     node_pid: u32,
-    pods: &[NodePod],
-    previous: &[PodLiveReport],
-    now: &Time,
-) -> (Option<LiveKeepalive>, Vec<PodLiveReport>) {
-    let live = |v: agent::LiveSysctls| LiveKeepalive {
-        time: v.time,
-        interval: v.interval,
-        probes: v.probes,
-    };
-    let node = agent::read_sysctls(proc_root, node_pid).ok().map(live);
-    let scanned: Vec<&NodePod> = pods.iter().filter(|p| p.running && !p.host_network).collect();
-    let wanted = scanned.iter().map(|p| p.uid.clone()).collect();
-    let processes = agent::find_pod_processes(proc_root, &wanted);
-    let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
-    let read_one = |pod: &NodePod| {
-        let mut report = PodLiveReport {
-            uid: pod.uid.clone(),
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            sysctls: None,
-            established: 0,
-            keepalive: 0,
-            read_at: now.clone(),
-            error: None,
-        };
-        let reading = match processes.get(&pod.uid) {
-            None => Err("no process of the pod found on the host".to_string()),
-            Some(&pid) => agent::read_pod(proc_root, pid).map_err(|e| e.to_string()),
-        };
-        match reading {
-            Ok((sysctls, connections)) => {
-                report.sysctls = Some(live(sysctls));
-                report.established = connections.established as i32;
-                report.keepalive = connections.keepalive as i32;
-            }
-            Err(e) => report.error = Some(e),
+    /// Per pod UID: the process the handle was opened through, and the handle.
+    pods: HashMap<String, (u32, agent::NetnsHandle)>,
+    node: Option<agent::NetnsHandle>,
+}
+
+impl Scanner {
+    pub fn new(proc_root: PathBuf, node_pid: u32) -> Self {
+        Scanner {
+            proc_root,
+            node_pid,
+            pods: HashMap::new(),
+            node: None,
         }
-        if let Some(old) = previous.get(pod.uid.as_str()) {
-            let unchanged = PodLiveReport {
-                read_at: old.read_at.clone(),
-                ..report.clone()
+    }
+
+    /// Namespaces held open (one per pod read).
+    pub fn open_handles(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// One scan of the node: the readings of every running pod (hostNetwork pods are judged by the node's
+    /// values), keeping `readAt` of readings that did not change.
+    pub fn scan(
+        &mut self,
+        pods: &[NodePod],
+        previous: &[PodLiveReport],
+        now: &Time,
+    ) -> (Option<LiveKeepalive>, Vec<PodLiveReport>) {
+        let live = |v: agent::LiveSysctls| LiveKeepalive {
+            time: v.time,
+            interval: v.interval,
+            probes: v.probes,
+        };
+        let node = self.node_values().map(live);
+        let scanned: Vec<&NodePod> = pods.iter().filter(|p| p.running && !p.host_network).collect();
+        let errors = self.refresh_handles(&scanned);
+        let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
+        let read_one = |pod: &NodePod| {
+            let mut report = PodLiveReport {
+                uid: pod.uid.clone(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                sysctls: None,
+                established: 0,
+                keepalive: 0,
+                read_at: now.clone(),
+                error: None,
             };
-            if &&unchanged == old {
-                report.read_at = old.read_at.clone();
+            let reading = match (self.pods.get(&pod.uid), errors.get(&pod.uid)) {
+                (Some((_, handle)), _) => handle
+                    .sysctls()
+                    .and_then(|s| Ok((s, handle.connections()?)))
+                    .map_err(|e| e.to_string()),
+                (None, Some(error)) => Err(error.clone()),
+                (None, None) => Err("no process of the pod found on the host".to_string()),
+            };
+            match reading {
+                Ok((sysctls, connections)) => {
+                    report.sysctls = Some(live(sysctls));
+                    report.established = connections.established as i32;
+                    report.keepalive = connections.keepalive as i32;
+                }
+                Err(e) => report.error = Some(e),
+            }
+            if let Some(old) = previous.get(pod.uid.as_str()) {
+                let unchanged = PodLiveReport {
+                    read_at: old.read_at.clone(),
+                    ..report.clone()
+                };
+                if &&unchanged == old {
+                    report.read_at = old.read_at.clone();
+                }
+            }
+            report
+        };
+        // The connection dumps wait on the kernel, not on each other: spread them over the cores.
+        let mut reports: Vec<PodLiveReport> = parallel(&scanned, |p| read_one(p));
+        reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        (node, reports)
+    }
+
+    fn node_values(&mut self) -> Option<agent::LiveSysctls> {
+        let current = agent::netns_inode(&self.proc_root, self.node_pid).ok()?;
+        if self.node.as_ref().is_none_or(|h| h.inode != current) {
+            self.node = agent::NetnsHandle::open(&self.proc_root, self.node_pid).ok();
+        }
+        self.node.as_ref()?.sysctls().ok()
+    }
+
+    /// Keeps the handles of `pods` whose process still lives in the same namespace, forgets the others, and
+    /// opens handles for pods without one (one /proc walk finds their processes). Returns why a pod's namespace
+    /// could not be opened.
+    fn refresh_handles(&mut self, pods: &[&NodePod]) -> HashMap<String, String> {
+        let wanted: std::collections::HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        let proc_root = &self.proc_root;
+        self.pods.retain(|uid, (pid, handle)| {
+            wanted.contains(uid.as_str()) && agent::netns_inode(proc_root, *pid).is_ok_and(|i| i == handle.inode)
+        });
+        let missing: std::collections::HashSet<String> = pods
+            .iter()
+            .filter(|p| !self.pods.contains_key(&p.uid))
+            .map(|p| p.uid.clone())
+            .collect();
+        let mut errors = HashMap::new();
+        if missing.is_empty() {
+            return errors;
+        }
+        let processes: Vec<(String, u32)> = agent::find_pod_processes(proc_root, &missing).into_iter().collect();
+        let opened = parallel(&processes, |(uid, pid)| {
+            (uid.clone(), *pid, agent::NetnsHandle::open(proc_root, *pid))
+        });
+        for (uid, pid, handle) in opened {
+            match handle {
+                Ok(handle) => {
+                    self.pods.insert(uid, (pid, handle));
+                }
+                Err(e) => {
+                    errors.insert(uid, e.to_string());
+                }
             }
         }
-        report
-    };
-    // The readings wait on the kernel, not on each other: spread them over the cores.
+        errors
+    }
+}
+
+/// `f` over `items` on up to four threads (the work waits on the kernel), results in order.
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-    let chunk = scanned.len().div_ceil(workers).max(1);
-    let mut reports: Vec<PodLiveReport> = std::thread::scope(|s| {
-        let handles: Vec<_> = scanned
+    if items.len() < 8 || workers == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
             .chunks(chunk)
-            .map(|part| s.spawn(|| part.iter().map(|p| read_one(p)).collect::<Vec<_>>()))
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<_>>()))
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-    });
-    reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    (node, reports)
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a scan worker panicked"))
+            .collect()
+    })
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C.
@@ -148,6 +230,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut synced = false;
     let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
+    let mut scanner = Some(Scanner::new(args.proc_root.clone(), args.node_netns_pid));
+    raise_open_file_limit();
     let shutdown = crate::controller::shutdown_signal();
     let mut shutdown = std::pin::pin!(shutdown);
     tracing::info!(node = %args.node_name, "agent running");
@@ -183,14 +267,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 let snapshot: Vec<NodePod> = pods.values().cloned().collect();
                 let previous = written.as_ref().map(|(s, _)| s.pods.clone()).unwrap_or_default();
-                let (proc_root, node_pid) = (args.proc_root.clone(), args.node_netns_pid);
                 let now = Time(Timestamp::now());
                 let stamp = now.clone();
-                let Ok((node, pod_reports)) =
-                    tokio::task::spawn_blocking(move || scan(&proc_root, node_pid, &snapshot, &previous, &stamp)).await
+                let mut taken = scanner.take().expect("the scanner is back after every scan");
+                let Ok((back, (node, pod_reports))) = tokio::task::spawn_blocking(move || {
+                    let result = taken.scan(&snapshot, &previous, &stamp);
+                    (taken, result)
+                })
+                .await
                 else {
+                    // The scan panicked: start over with a fresh scanner.
+                    scanner = Some(Scanner::new(args.proc_root.clone(), args.node_netns_pid));
                     continue;
                 };
+                scanner = Some(back);
                 let spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
@@ -223,6 +313,24 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// The agent holds four descriptors per pod (three sysctl files and a sock_diag socket): lift the soft limit on
+/// open files to the hard limit, as a node with 250 pods needs more than the usual 1024.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+            }
         }
     }
 }

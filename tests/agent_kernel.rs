@@ -110,3 +110,48 @@ fn a_vanished_process_is_reported_not_fatal() {
     let found = agent::find_pod_processes(Path::new("/proc"), &[s.uid.clone()].into());
     assert!(found.is_empty());
 }
+
+/// The scanner enters a pod's namespace once and reads it through the handle it keeps: a value changed later
+/// inside the namespace is seen without entering again; a pod whose process is gone is reported, its handle
+/// dropped.
+#[test]
+fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+    use keepalive_operator::report::{NodePod, Scanner};
+
+    let mut s = Sandbox::new(
+        "scanner",
+        "5ca77e55-1234-4234-8234-123456789012",
+        Layout::SystemdBestEffort,
+        Some((30, 5, 3)),
+    );
+    let _conns = s.connect(1, 0);
+    let pods = [NodePod {
+        uid: s.uid.clone(),
+        namespace: "ns".into(),
+        name: "p".into(),
+        host_network: false,
+        running: true,
+    }];
+    let mut scanner = Scanner::new("/proc".into(), std::process::id());
+    let now = Time(Timestamp::now());
+    let (node, first) = scanner.scan(&pods, &[], &now);
+    assert!(node.is_some(), "the node's own values");
+    assert_eq!(first[0].sysctls.map(|v| (v.time, v.interval, v.probes)), Some((30, 5, 3)));
+    assert_eq!((first[0].established, first[0].keepalive), (2, 1));
+    assert_eq!(scanner.open_handles(), 1);
+
+    s.set_sysctl("tcp_keepalive_time", 45);
+    let later = Time(Timestamp::now());
+    let (_, second) = scanner.scan(&pods, &first, &later);
+    assert_eq!(second[0].sysctls.map(|v| v.time), Some(45));
+    assert_eq!(second[0].read_at, later, "a changed reading gets a new readAt");
+    let (_, third) = scanner.scan(&pods, &second, &Time(Timestamp::now()));
+    assert_eq!(third[0].read_at, later, "an unchanged reading keeps its readAt");
+
+    s.kill_process();
+    let (_, gone) = scanner.scan(&pods, &third, &Time(Timestamp::now()));
+    assert_eq!(gone[0].sysctls, None);
+    assert!(gone[0].error.as_deref().unwrap().contains("no process"), "{:?}", gone[0]);
+    assert_eq!(scanner.open_handles(), 0);
+}

@@ -118,6 +118,20 @@ impl Sandbox {
         }
     }
 
+    /// Sets `net.ipv4.<name>` inside the namespace, as a privileged process of the pod could.
+    pub fn set_sysctl(&self, name: &str, value: i32) {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.netns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv4.{name}={value}"),
+        ]);
+    }
+
     /// Ends the sandbox's process now (the namespace and cgroups stay until drop).
     pub fn kill_process(&mut self) {
         if let Some(mut child) = self.child.take() {
