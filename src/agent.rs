@@ -47,10 +47,10 @@ pub fn pod_uid_from_proc_cgroup(text: &str) -> Option<String> {
         .find_map(|line| pod_uid_from_cgroup_path(line.splitn(3, ':').nth(2)?))
 }
 
-/// For every wanted pod UID, one host process of that pod (the lowest pid), found by scanning `proc_root`.
+/// For every wanted pod UID, the host processes of that pod, lowest pid first, found by scanning `proc_root`.
 /// Processes that vanish or cannot be read are skipped.
-pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap<String, u32> {
-    let mut found: HashMap<String, u32> = HashMap::new();
+pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap<String, Vec<u32>> {
+    let mut found: HashMap<String, Vec<u32>> = HashMap::new();
     let Ok(entries) = fs::read_dir(proc_root) else {
         return found;
     };
@@ -62,9 +62,11 @@ pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap
             continue;
         };
         if let Some(uid) = pod_uid_from_proc_cgroup(&text).filter(|u| wanted.contains(u)) {
-            let slot = found.entry(uid).or_insert(pid);
-            *slot = (*slot).min(pid);
+            found.entry(uid).or_default().push(pid);
         }
+    }
+    for pids in found.values_mut() {
+        pids.sort_unstable();
     }
     found
 }
@@ -83,6 +85,164 @@ pub struct LiveSysctls {
 pub struct Connections {
     pub established: u32,
     pub keepalive: u32,
+}
+
+/// Established TCP connections held by the processes `pids` (the processes of one pod), from their socket
+/// descriptors: each socket is borrowed with pidfd_getfd(2) and asked its protocol, its state (TCP_INFO) and
+/// SO_KEEPALIVE. A socket held by several descriptors or processes counts once; processes that end meanwhile
+/// are skipped. This costs a few microseconds per socket, where a sock_diag dump walks the kernel's whole
+/// connection table, shared by all namespaces (about 0.4 ms per namespace with 262 144 buckets).
+///
+/// Fails with `Unsupported` on kernels without pidfd_getfd (before 5.6): count with
+/// [`NetnsHandle::connections`] then.
+pub fn count_held_connections(proc_root: &Path, pids: &[u32]) -> Result<Connections, ReadError> {
+    let mut seen = HashSet::new();
+    let mut counts = Connections::default();
+    for &pid in pids {
+        let Ok(fds) = fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
+            continue; // ended meanwhile
+        };
+        let Some(pidfd) = held::pidfd_open(pid)? else {
+            continue;
+        };
+        for entry in fds.flatten() {
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !seen.insert(inode) {
+                continue;
+            }
+            match held::tcp_state(&pidfd, fd) {
+                Ok(Some((established, keepalive))) => {
+                    counts.established += u32::from(established);
+                    counts.keepalive += u32::from(established && keepalive);
+                }
+                Ok(None) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    return Err(ReadError::Read {
+                        what: "sockets (pidfd_getfd)".into(),
+                        source: std::io::Error::new(std::io::ErrorKind::Unsupported, e),
+                    });
+                }
+                // The descriptor was closed or the process ended meanwhile.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF | libc::ESRCH)) => {}
+                Err(source) => {
+                    return Err(ReadError::Read {
+                        what: format!("socket descriptor {fd} of process {pid}"),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Whether this kernel has pidfd_open and pidfd_getfd (Linux 5.6 and later).
+pub fn pidfd_getfd_supported() -> bool {
+    let Ok(Some(pidfd)) = held::pidfd_open(std::process::id()) else {
+        return false;
+    };
+    // SAFETY: duplicating one of our own descriptors (the pidfd itself); the copy is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), pidfd.as_raw_fd(), 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: closing the copy we were just given.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+mod held {
+    //! Borrowing another process's socket descriptor (pidfd_open + pidfd_getfd) and asking it about TCP.
+    use std::{
+        io,
+        mem::size_of,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    };
+
+    use super::ReadError;
+
+    /// A pidfd for `pid`; `None` if the process has ended.
+    pub fn pidfd_open(pid: u32) -> Result<Option<OwnedFd>, ReadError> {
+        // SAFETY: pidfd_open(2) with no flags returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                Some(libc::ENOSYS) => Err(ReadError::Read {
+                    what: "sockets (pidfd_open)".into(),
+                    source: io::Error::new(io::ErrorKind::Unsupported, e),
+                }),
+                _ => Err(ReadError::Read {
+                    what: format!("pidfd of process {pid}"),
+                    source: e,
+                }),
+            };
+        }
+        // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    fn int_option(fd: &OwnedFd, level: i32, name: i32) -> io::Result<i32> {
+        let mut value: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) into an int we own, with its length.
+        let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, &mut value as *mut _ as *mut _, &mut len) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    }
+
+    /// For a TCP socket (IPv4 or IPv6): (established, SO_KEEPALIVE on); `None` for any other socket.
+    pub fn tcp_state(pidfd: &OwnedFd, target_fd: i32) -> io::Result<Option<(bool, bool)>> {
+        // SAFETY: pidfd_getfd(2) duplicates the target's descriptor into this process, or returns -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned by the kernel, owned by nobody else; closed on drop.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let domain = int_option(&fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+        if !matches!(domain, libc::AF_INET | libc::AF_INET6)
+            || int_option(&fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
+        {
+            return Ok(None);
+        }
+        // struct tcp_info begins with tcpi_state; a short read of its first bytes is allowed.
+        let mut info = [0u8; 8];
+        let mut len = info.len() as libc::socklen_t;
+        // SAFETY: getsockopt(2) into a buffer we own, with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr() as *mut _,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        const TCP_ESTABLISHED: u8 = 1;
+        let established = info[0] == TCP_ESTABLISHED;
+        let keepalive = int_option(&fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0;
+        Ok(Some((established, keepalive)))
+    }
 }
 
 /// Why a pod could not be read.

@@ -71,12 +71,18 @@ impl NodePod {
 
 /// The agent's scan state: an open [`agent::NetnsHandle`] on each pod's network namespace, kept across scans, so
 /// a pod's namespace is entered once in its life (and again only if its namespace is replaced).
+///
+/// Each scan: one walk of /proc finds the processes of every pod; a pod's sysctls are read through its handle;
+/// its connections are counted from its processes' socket descriptors ([`agent::count_held_connections`]),
+/// or, on kernels without pidfd_getfd, by a sock_diag dump of its namespace.
 pub struct Scanner {
     proc_root: PathBuf,
     node_pid: u32,
     /// Per pod UID: the process the handle was opened through, and the handle.
     pods: HashMap<String, (u32, agent::NetnsHandle)>,
     node: Option<agent::NetnsHandle>,
+    /// The kernel lacks pidfd_getfd: count with sock_diag dumps.
+    dump_connections: bool,
 }
 
 impl Scanner {
@@ -86,6 +92,7 @@ impl Scanner {
             node_pid,
             pods: HashMap::new(),
             node: None,
+            dump_connections: !agent::pidfd_getfd_supported(),
         }
     }
 
@@ -109,7 +116,7 @@ impl Scanner {
         };
         let node = self.node_values().map(live);
         let scanned: Vec<&NodePod> = pods.iter().filter(|p| p.running && !p.host_network).collect();
-        let errors = self.refresh_handles(&scanned);
+        let (processes, errors) = self.refresh_handles(&scanned);
         let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
         let read_one = |pod: &NodePod| {
             let mut report = PodLiveReport {
@@ -125,7 +132,15 @@ impl Scanner {
             let reading = match (self.pods.get(&pod.uid), errors.get(&pod.uid)) {
                 (Some((_, handle)), _) => handle
                     .sysctls()
-                    .and_then(|s| Ok((s, handle.connections()?)))
+                    .and_then(|s| {
+                        let connections = match processes.get(&pod.uid) {
+                            Some(pids) if !self.dump_connections => {
+                                agent::count_held_connections(&self.proc_root, pids)?
+                            }
+                            _ => handle.connections()?,
+                        };
+                        Ok((s, connections))
+                    })
                     .map_err(|e| e.to_string()),
                 (None, Some(error)) => Err(error.clone()),
                 (None, None) => Err("no process of the pod found on the host".to_string()),
@@ -149,7 +164,7 @@ impl Scanner {
             }
             report
         };
-        // The connection dumps wait on the kernel, not on each other: spread them over the cores.
+        // The readings wait on the kernel, not on each other: spread them over the cores.
         let mut reports: Vec<PodLiveReport> = parallel(&scanned, |p| read_one(p));
         reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         (node, reports)
@@ -163,26 +178,27 @@ impl Scanner {
         self.node.as_ref()?.sysctls().ok()
     }
 
-    /// Keeps the handles of `pods` whose process still lives in the same namespace, forgets the others, and
-    /// opens handles for pods without one (one /proc walk finds their processes). Returns why a pod's namespace
-    /// could not be opened.
-    fn refresh_handles(&mut self, pods: &[&NodePod]) -> HashMap<String, String> {
-        let wanted: std::collections::HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+    /// Finds the processes of `pods` (one /proc walk), keeps the handles of pods whose first process still lives
+    /// in the same namespace, forgets the others, and opens handles for pods without one. Returns the processes
+    /// of each pod, and why a pod's namespace could not be opened.
+    #[allow(clippy::type_complexity)]
+    fn refresh_handles(&mut self, pods: &[&NodePod]) -> (HashMap<String, Vec<u32>>, HashMap<String, String>) {
+        let wanted: std::collections::HashSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
         let proc_root = &self.proc_root;
-        self.pods.retain(|uid, (pid, handle)| {
-            wanted.contains(uid.as_str()) && agent::netns_inode(proc_root, *pid).is_ok_and(|i| i == handle.inode)
+        let processes = agent::find_pod_processes(proc_root, &wanted);
+        self.pods.retain(|uid, (_, handle)| {
+            processes
+                .get(uid)
+                .and_then(|pids| pids.first())
+                .is_some_and(|pid| agent::netns_inode(proc_root, *pid).is_ok_and(|i| i == handle.inode))
         });
-        let missing: std::collections::HashSet<String> = pods
+        let missing: Vec<(String, u32)> = processes
             .iter()
-            .filter(|p| !self.pods.contains_key(&p.uid))
-            .map(|p| p.uid.clone())
+            .filter(|(uid, _)| !self.pods.contains_key(*uid))
+            .filter_map(|(uid, pids)| Some((uid.clone(), *pids.first()?)))
             .collect();
         let mut errors = HashMap::new();
-        if missing.is_empty() {
-            return errors;
-        }
-        let processes: Vec<(String, u32)> = agent::find_pod_processes(proc_root, &missing).into_iter().collect();
-        let opened = parallel(&processes, |(uid, pid)| {
+        let opened = parallel(&missing, |(uid, pid)| {
             (uid.clone(), *pid, agent::NetnsHandle::open(proc_root, *pid))
         });
         for (uid, pid, handle) in opened {
@@ -195,7 +211,7 @@ impl Scanner {
                 }
             }
         }
-        errors
+        (processes, errors)
     }
 }
 

@@ -184,7 +184,7 @@ async fn policy_status_joins_the_live_readings() {
     let uid = |p: &Pod| p.metadata.uid.clone().unwrap();
     let good = Sandbox::new("live-ok", &uid(&agrees), Layout::CgroupfsBurstable, Some((20, 5, 3)));
     let bad = Sandbox::new("live-bad", &uid(&differs), Layout::SystemdBestEffort, None);
-    let _good_conns = good.connect(2, 1);
+    let good_conns = good.connect(2, 1);
     let _bad_conns = bad.connect(1, 1);
     let agent = Agent::start(cp, "live-chain-node");
 
@@ -225,7 +225,8 @@ async fn policy_status_joins_the_live_readings() {
     let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[5..9], ["2", "1", "1", "3/10"], "{out}");
 
-    // The pod whose process vanished: unverified, not conformant on spec alone.
+    // The pod whose processes vanished: unverified, not conformant on spec alone.
+    drop(good_conns);
     drop(good);
     let s = status("the vanished pod unverified", |s| {
         s.violation_counts.get("Unverified") == Some(&1)

@@ -27,16 +27,20 @@ fn reads_exactly_the_values_and_connections_of_each_pod() {
         Layout::CgroupfsGuaranteed,
         Some((600, 60, 5)),
     );
-    let _a_conns = a.connect(3, 2);
-    let _b_conns = b.connect(0, 1);
+    let a_conns = a.connect(3, 2);
+    let b_conns = b.connect(0, 1);
 
     let own_netns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let wanted: HashSet<String> = [&a, &b, &c].iter().map(|s| s.uid.clone()).collect();
     let found = agent::find_pod_processes(Path::new("/proc"), &wanted);
     assert_eq!(found.len(), 3, "{found:?}");
-    for s in [&a, &b, &c] {
-        assert_eq!(found[&s.uid], s.pid(), "pod {} found through its cgroup", s.uid);
-    }
+    assert_eq!(
+        found[&a.uid],
+        [a.pid(), a_conns.pid()],
+        "every process of the pod, by its cgroup"
+    );
+    assert_eq!(found[&b.uid], [b.pid(), b_conns.pid()]);
+    assert_eq!(found[&c.uid], [c.pid()]);
 
     let proc = Path::new("/proc");
     assert_eq!(
@@ -85,6 +89,24 @@ fn reads_exactly_the_values_and_connections_of_each_pod() {
             keepalive: 0
         }
     );
+    // Counted again from the pods' processes' socket descriptors: the same numbers.
+    assert!(agent::pidfd_getfd_supported(), "this kernel has pidfd_getfd");
+    let held = |s: &Sandbox| agent::count_held_connections(proc, &found[&s.uid]).unwrap();
+    assert_eq!(
+        held(&a),
+        Connections {
+            established: 10,
+            keepalive: 3
+        }
+    );
+    assert_eq!(
+        held(&b),
+        Connections {
+            established: 2,
+            keepalive: 0
+        }
+    );
+    assert_eq!(held(&c), Connections::default());
     // The reads switched no namespace of this thread.
     assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), own_netns);
 }
@@ -125,7 +147,7 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
         Layout::SystemdBestEffort,
         Some((30, 5, 3)),
     );
-    let _conns = s.connect(1, 0);
+    let conns = s.connect(1, 0);
     let pods = [NodePod {
         uid: s.uid.clone(),
         namespace: "ns".into(),
@@ -137,7 +159,10 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     let now = Time(Timestamp::now());
     let (node, first) = scanner.scan(&pods, &[], &now);
     assert!(node.is_some(), "the node's own values");
-    assert_eq!(first[0].sysctls.map(|v| (v.time, v.interval, v.probes)), Some((30, 5, 3)));
+    assert_eq!(
+        first[0].sysctls.map(|v| (v.time, v.interval, v.probes)),
+        Some((30, 5, 3))
+    );
     assert_eq!((first[0].established, first[0].keepalive), (2, 1));
     assert_eq!(scanner.open_handles(), 1);
 
@@ -149,9 +174,14 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     let (_, third) = scanner.scan(&pods, &second, &Time(Timestamp::now()));
     assert_eq!(third[0].read_at, later, "an unchanged reading keeps its readAt");
 
+    drop(conns);
     s.kill_process();
     let (_, gone) = scanner.scan(&pods, &third, &Time(Timestamp::now()));
     assert_eq!(gone[0].sysctls, None);
-    assert!(gone[0].error.as_deref().unwrap().contains("no process"), "{:?}", gone[0]);
+    assert!(
+        gone[0].error.as_deref().unwrap().contains("no process"),
+        "{:?}",
+        gone[0]
+    );
     assert_eq!(scanner.open_handles(), 0);
 }

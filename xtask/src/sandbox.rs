@@ -40,6 +40,24 @@ pub struct Sandbox {
     pub uid: String,
     child: Option<Child>,
     cgroups: Vec<PathBuf>,
+    /// The container-level cgroup directory the pod's processes are placed in.
+    leaf: PathBuf,
+}
+
+/// A process of the pod (in its cgroup) holding connections open; they close when it is dropped.
+pub struct HeldConnections(Child);
+
+impl HeldConnections {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Sandbox {
@@ -115,6 +133,7 @@ impl Sandbox {
             uid: uid.to_string(),
             child: Some(child),
             cgroups,
+            leaf: dir,
         }
     }
 
@@ -145,8 +164,38 @@ impl Sandbox {
     }
 
     /// Opens `keepalive` + `plain` connections on loopback inside the namespace; only the `keepalive` clients
-    /// turn SO_KEEPALIVE on. Returns both ends of every connection (they stay open while held).
-    pub fn connect(&self, keepalive: usize, plain: usize) -> Vec<TcpStream> {
+    /// turn SO_KEEPALIVE on. Both ends of every connection are handed to a new process of the pod (placed in its
+    /// cgroup), which holds them open until dropped — as an application container would.
+    pub fn connect(&self, keepalive: usize, plain: usize) -> HeldConnections {
+        let streams = self.open_connections(keepalive, plain);
+        let fds: Vec<i32> = streams.iter().map(|s| s.as_raw_fd()).collect();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec the child only clears close-on-exec on descriptors it inherited
+        // (fcntl(2) is async-signal-safe; nothing is allocated).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let holder = HeldConnections(cmd.spawn().unwrap());
+        std::fs::write(self.leaf.join("cgroup.procs"), holder.pid().to_string()).unwrap();
+        // The holder has its own copies now: the test's are closed here.
+        drop(streams);
+        holder
+    }
+
+    fn open_connections(&self, keepalive: usize, plain: usize) -> Vec<TcpStream> {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.netns)).unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {
