@@ -75,6 +75,9 @@ command -v cargo >/dev/null || die "cargo is not installed"
 if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
   [[ $(rustc -vV | sed -n 's/^host: //p') == "$target" ]] || die "the Rust target $target is not installed"
 fi
+# Variables cargo sets for what it runs (e.g. when a test calls this script) would make build scripts that watch
+# them (ring's CARGO_MANIFEST_DIR) rebuild every time the caller changes.
+while read -r var; do unset "$var"; done < <(compgen -e | grep -E '^(CARGO_(MANIFEST_|PKG_|CRATE_|BIN_|PRIMARY_PACKAGE|TARGET_TMPDIR|ENCODED_RUSTFLAGS|RUSTC_WRAPPER)|OUT_DIR$)' || true)
 say "building the static binary ($profile profile, target $target, in $target_dir)"
 start=$SECONDS
 (
