@@ -39,7 +39,7 @@ pub struct Metrics {
     pub webhook_duration: Histogram,
     /// Objects held by each watch-driven cache.
     pub cache_objects: Family<CacheLabels, Gauge>,
-    /// Pods per policy and state (matched, conformant, or a reason).
+    /// Pods per policy and state (matched, conformant, live_verified, or a reason).
     pub policy_pods: Family<PodStateLabels, Gauge>,
     /// Time of one status pass of the controller.
     pub reconcile_duration: Histogram,
