@@ -432,7 +432,7 @@ impl HostProcess {
     fn assert_never_forbidden(&self) {
         let logs = self.logs();
         assert!(
-            !logs.contains("forbidden") && !logs.contains("Forbidden"),
+            !logs.contains("is forbidden: User") && !logs.contains("code: 403"),
             "a request was forbidden:\n{logs}"
         );
     }
