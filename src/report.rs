@@ -87,12 +87,16 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn new(proc_root: PathBuf, node_pid: u32) -> Self {
+        let dump_connections = !agent::pidfd_getfd_supported();
+        if dump_connections {
+            tracing::warn!("this kernel has no pidfd_getfd (before 5.6): counting connections with sock_diag dumps");
+        }
         Scanner {
             proc_root,
             node_pid,
             pods: HashMap::new(),
             node: None,
-            dump_connections: !agent::pidfd_getfd_supported(),
+            dump_connections,
         }
     }
 
