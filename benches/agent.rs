@@ -203,6 +203,10 @@ fn real_agent(sandboxes: &[Sandbox]) {
             .collect();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
         cmd.args(["agent", "--node-name=bench-node", "--scan-interval-seconds=1"])
+            .arg(format!(
+                "--admin-listen=127.0.0.1:{}",
+                xtask::cluster::free_port().unwrap()
+            ))
             .arg(format!("--node-netns-pid={}", std::process::id()))
             .env("KUBECONFIG", cp.kubeconfig())
             .env("RUST_LOG", "warn");

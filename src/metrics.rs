@@ -132,3 +132,57 @@ impl Metrics {
         out
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodReadLabels {
+    pub state: &'static str,
+}
+
+/// The node agent's metrics.
+pub struct AgentMetrics {
+    registry: Registry,
+    /// Time of one scan of the node.
+    pub scan_duration: Histogram,
+    /// Pods of the last scan, verified (read) or unverified.
+    pub pods: Family<PodReadLabels, Gauge>,
+    /// Writes of the node report, by outcome (written, failed).
+    pub report_writes: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keepalive_agent");
+        // 1 ms .. ~2.6 s
+        let scan_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            1e-3, 2.2, 11,
+        ));
+        registry.register(
+            "scan_duration_seconds",
+            "Time of one scan of the node's pods",
+            scan_duration.clone(),
+        );
+        let pods = Family::<PodReadLabels, Gauge>::default();
+        registry.register("pods", "Pods of the last scan, by state", pods.clone());
+        let report_writes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "report_writes",
+            "Writes of the node report, by result",
+            report_writes.clone(),
+        );
+        AgentMetrics {
+            registry,
+            scan_duration,
+            pods,
+            report_writes,
+        }
+    }
+}
+
+impl AgentMetrics {
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -5,7 +5,15 @@
 //! changed; otherwise one heartbeat per `--heartbeat-seconds` (default 60 s) so the controller knows the agent
 //! is alive. Entries of pods that left the node disappear with the next write.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -18,6 +26,7 @@ use kube::{
 use crate::{
     agent,
     api::{KeepaliveNodeReportSpec, LiveKeepalive, PodLiveReport},
+    metrics::{AgentMetrics, OutcomeLabels, PodReadLabels},
 };
 
 /// Field manager of the agent's writes.
@@ -39,6 +48,9 @@ pub struct AgentArgs {
     #[arg(long, env = "KEEPALIVE_NODE_NETNS_PID", default_value_t = 1)]
     pub node_netns_pid: u32,
     /// The report is rewritten at least this often, as a heartbeat, even when nothing changed.
+    /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
+    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: Option<std::net::SocketAddr>,
     #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 60)]
     pub heartbeat_seconds: u64,
 }
@@ -252,6 +264,18 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
     let mut scanner = Some(Scanner::new(args.proc_root.clone(), args.node_netns_pid));
     raise_open_file_limit();
+    let metrics = Arc::new(AgentMetrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = args.admin_listen {
+        let listener = crate::server::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "probes and metrics serving");
+        let router = admin_router(metrics.clone(), ready.clone());
+        tokio::spawn(crate::server::serve_plain(
+            listener,
+            router,
+            crate::controller::shutdown_signal(),
+        ));
+    }
     let shutdown = crate::controller::shutdown_signal();
     let mut shutdown = std::pin::pin!(shutdown);
     tracing::info!(node = %args.node_name, "agent running");
@@ -290,6 +314,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let now = Time(Timestamp::now());
                 let stamp = now.clone();
                 let mut taken = scanner.take().expect("the scanner is back after every scan");
+                let started = std::time::Instant::now();
                 let Ok((back, (node, pod_reports))) = tokio::task::spawn_blocking(move || {
                     let result = taken.scan(&snapshot, &previous, &stamp);
                     (taken, result)
@@ -301,6 +326,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     continue;
                 };
                 scanner = Some(back);
+                metrics.scan_duration.observe(started.elapsed().as_secs_f64());
                 let spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
@@ -328,8 +354,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     .patch(&args.node_name, &PatchParams::apply(AGENT_MANAGER).force(), &Patch::Apply(&object))
                     .await
                 {
-                    Ok(_) => written = Some((spec, std::time::Instant::now())),
-                    Err(e) => tracing::warn!(error = %e, "writing the node report failed; retrying next scan"),
+                    Ok(_) => {
+                        let verified = spec.verified_pods;
+                        let unverified = spec.unverified_pods;
+                        metrics.pods.get_or_create(&PodReadLabels { state: "verified" }).set(i64::from(verified));
+                        metrics.pods.get_or_create(&PodReadLabels { state: "unverified" }).set(i64::from(unverified));
+                        metrics.report_writes.get_or_create(&OutcomeLabels { outcome: "written" }).inc();
+                        written = Some((spec, std::time::Instant::now()));
+                        ready.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        metrics.report_writes.get_or_create(&OutcomeLabels { outcome: "failed" }).inc();
+                        tracing::warn!(error = %e, "writing the node report failed; retrying next scan");
+                    }
                 }
             }
             _ = &mut shutdown => return Ok(()),
@@ -353,4 +390,39 @@ fn raise_open_file_limit() {
             }
         }
     }
+}
+
+/// /livez (the process answers), /readyz (its first report is written: it can see pods and write), /metrics.
+fn admin_router(metrics: Arc<AgentMetrics>, ready: Arc<AtomicBool>) -> axum::Router {
+    use axum::{http::StatusCode, routing::get};
+    axum::Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "no node report written yet")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.encode();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
 }

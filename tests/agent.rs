@@ -92,6 +92,26 @@ async fn the_node_report_shows_live_values_and_connections() {
         Some(host.trim().to_string())
     );
     assert!(report.spec.pods.iter().all(|p| p.name != "elsewhere"));
+    // Probes and metrics of the agent.
+    assert_eq!(
+        xtask::cluster::http_get(agent.admin_port, "/readyz").map(|(c, _)| c),
+        Some(200)
+    );
+    let (_, metrics) = xtask::cluster::http_get(agent.admin_port, "/metrics").unwrap();
+    for line in [
+        "keepalive_agent_pods{state=\"verified\"} 2",
+        "keepalive_agent_pods{state=\"unverified\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("keepalive_agent_scan_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("keepalive_agent_report_writes_total{outcome=\"written\"}"),
+        "{metrics}"
+    );
 
     // A pod that is gone disappears from the report.
     // No kubelet confirms a graceful deletion here: delete at once.
@@ -242,6 +262,7 @@ async fn policy_status_joins_the_live_readings() {
 /// `keepalive-operator agent` for `node` as a real process, scanning every second. Killed on drop.
 struct Agent {
     child: Option<std::process::Child>,
+    admin_port: u16,
     // A process in the host's network namespace stands in for the node's init.
     host_process: std::process::Child,
 }
@@ -256,14 +277,17 @@ impl Agent {
             .spawn()
             .unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
+        let admin_port = xtask::cluster::free_port().unwrap();
         cmd.args(["agent", "--scan-interval-seconds=1"])
             .arg(format!("--node-name={node}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
             .arg(format!("--node-netns-pid={}", host_process.id()))
             .env("KUBECONFIG", cp.kubeconfig());
         let log = cp.work_dir().join(format!("agent-{node}.log"));
         let child = xtask::cluster::spawn_logged(cmd, &log).unwrap();
         Agent {
             child: Some(child),
+            admin_port,
             host_process,
         }
     }

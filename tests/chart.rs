@@ -16,7 +16,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine;
 use common::*;
 use serde_json::{Value, json};
 use xtask::{ControlPlane, cluster};
@@ -33,21 +32,9 @@ fn cp() -> &'static ControlPlane {
     xtask::shared()
 }
 
-/// The real helm, with this control plane's kubeconfig and its own cache and config directories.
-fn helm(cp: &ControlPlane) -> Command {
-    let home = cp.work_dir().join("helm");
-    let mut cmd = Command::new(cp.bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", cp.kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env_remove("KUBERNETES_SERVICE_HOST");
-    cmd
-}
-
 /// Runs helm; Ok(stdout) or Err(stdout + stderr).
 fn run_helm(args: &[&str]) -> Result<String, String> {
-    let out = helm(cp()).args(args).output().expect("running helm");
+    let out = cp().helm().args(args).output().expect("running helm");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if out.status.success() {
         Ok(stdout)
@@ -355,31 +342,6 @@ fn options_render_as_documented() {
         webhook["namespaceSelector"]["matchExpressions"][0]["values"],
         json!(["kube-system", "monitoring", NS])
     );
-}
-
-/// Writes a kubeconfig for this control plane that authenticates with `token`.
-fn token_kubeconfig(cp: &ControlPlane, name: &str, token: &str) -> PathBuf {
-    let ca = base64::engine::general_purpose::STANDARD.encode(cp.ca_pem().unwrap());
-    let path = cp.work_dir().join(format!("kubeconfig-{name}"));
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    \
-             certificate-authority-data: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n\
-             - name: local\n  context:\n    cluster: local\n    user: {name}\ncurrent-context: local\n",
-            server = cp.server(),
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// A token of the ServiceAccount from the TokenRequest API (`kubectl create token`).
-fn service_account_token(sa: &str) -> String {
-    cp().kubectl_output(&["create", "token", sa, "-n", NS, "--duration=1h"])
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 /// `keepalive-operator` run on this host with the chart's ServiceAccount token. Killed on drop.
@@ -771,7 +733,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     }
 
     // --- sufficient: the operator with its ServiceAccount's token and the Deployment's args -----------------
-    let kubeconfig = token_kubeconfig(cp, "operator", &service_account_token(FULLNAME));
+    let kubeconfig = cp.service_account_kubeconfig(NS, FULLNAME).unwrap();
     let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
     let mut operator = HostProcess::start("chart-operator", &operator_args(port, admin_port), &kubeconfig);
     operator.wait_ready(admin_port);
@@ -878,7 +840,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     operator.assert_never_forbidden();
 
     // --- sufficient: the agent with its ServiceAccount's token and the DaemonSet's args ----------------------
-    let agent_kubeconfig = token_kubeconfig(cp, "agent", &service_account_token(&agent));
+    let agent_kubeconfig = cp.service_account_kubeconfig(NS, &agent).unwrap();
     create_pod(
         &client,
         "keepalive-chart-apps",
@@ -888,12 +850,14 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     .await
     .unwrap();
     let ds = get("daemonset", &agent, Some(NS)).unwrap();
+    let agent_admin = cluster::free_port().unwrap();
     let agent_args: Vec<String> = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"])
         .into_iter()
         .map(|a| match a {
             // This host's /proc is the host's.
             "--proc-root=/host/proc" => "--proc-root=/proc".to_string(),
             a if a.starts_with("--scan-interval-seconds=") => "--scan-interval-seconds=1".to_string(),
+            a if a.starts_with("--admin-listen=") => format!("--admin-listen=127.0.0.1:{agent_admin}"),
             a => a.to_string(),
         })
         .chain(["--node-name=chart-node".to_string()])
@@ -905,6 +869,8 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         r.spec.pods.iter().any(|p| p.name == "on-node").then_some(())
     })
     .await;
+    // Its probes: ready once the report is written.
+    assert_eq!(cluster::http_get(agent_admin, "/readyz").map(|(c, _)| c), Some(200));
     agent_process.assert_never_forbidden();
     drop(agent_process);
     operator.assert_never_forbidden();

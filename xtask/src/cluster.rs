@@ -112,6 +112,41 @@ impl ControlPlane {
         cmd
     }
 
+    /// The real helm with this control plane's kubeconfig, and cache and config directories of its own.
+    pub fn helm(&self) -> Command {
+        let home = self.work_dir().join("helm");
+        let mut cmd = Command::new(self.bin.join("helm"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        cmd
+    }
+
+    /// A kubeconfig for a ServiceAccount: a one-hour token from the TokenRequest API (`kubectl create token`),
+    /// written next to the admin kubeconfig. Processes run with it have exactly the SA's permissions.
+    pub fn service_account_kubeconfig(&self, namespace: &str, service_account: &str) -> Result<PathBuf> {
+        let token = self.kubectl_output(&["create", "token", service_account, "-n", namespace, "--duration=1h"])?;
+        self.token_kubeconfig(service_account, token.trim())
+    }
+
+    /// Writes a kubeconfig for this control plane that authenticates with `token`.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem()?);
+        let path = self.work_dir().join(format!("kubeconfig-{name}"));
+        fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    \
+                 certificate-authority-data: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n\
+                 - name: local\n  context:\n    cluster: local\n    user: {name}\ncurrent-context: local\n",
+                server = self.server(),
+            ),
+        )?;
+        Ok(path)
+    }
+
     /// Runs kubectl and returns its stdout; fails with its stderr when it exits non-zero.
     pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl().args(args).output()?;
