@@ -1,0 +1,3 @@
+module keepalive-operator/hack/workload
+
+go 1.25
