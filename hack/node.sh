@@ -8,7 +8,9 @@
 #                         iptables chains, cgroups, host sysctls the kubelet changed
 #   hack/node.sh status   what runs, and the node as the apiserver sees it
 #   hack/node.sh env      print `export KUBECONFIG=...` (admin) and the tool PATH
-#   hack/node.sh images   build the pause and workload images (OCI archives; cached)
+#   hack/node.sh images   build the pause and workload images (OCI archives; cached); prints their directory
+#   hack/node.sh import ARCHIVE NAME   import an OCI archive into the node's containerd under NAME
+#   hack/node.sh leftovers             what `down` should have removed (empty output: clean)
 #
 # Nothing comes from a registry: binaries are built from the Go modules (hack/tools.sh), the pause image from
 # the k8s module's build/pause/linux/pause.c (static, gcc), the workload image from hack/workload; images are
@@ -352,6 +354,8 @@ EOF
 save_host_state() {
   [[ -f $state/host-sysctls ]] && return
   local k
+  # The nftables tables that exist before us (iptables-nft creates ip nat/filter/mangle on first use).
+  if command -v nft >/dev/null; then nft list tables 2>/dev/null >"$state/host-nft-tables" || true; fi
   for k in $KUBELET_SYSCTLS net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables; do
     printf '%s=%s\n' "$k" "$(sysctl -n "$k" 2>/dev/null || echo '')"
   done >"$state/host-sysctls"
@@ -502,6 +506,19 @@ remove_iptables() {
       iptables -t "$t" -X "$c" 2>/dev/null || true
     done
   done
+  # Tables iptables-nft created for us, when they are empty again (only built-in chains without rules).
+  if command -v nft >/dev/null && [[ -f $state/host-nft-tables ]]; then
+    local fam name
+    while read -r _ fam name; do
+      grep -qx "table $fam $name" "$state/host-nft-tables" && continue
+      [[ $fam == ip || $fam == ip6 ]] || continue
+      [[ $name == nat || $name == filter || $name == mangle ]] || continue
+      if ! nft list table "$fam" "$name" 2>/dev/null | grep -qvE '^\s*(table|chain|type|policy|\}|$)|^\s*type '; then
+        nft delete table "$fam" "$name" 2>/dev/null || true
+      fi
+    done < <(nft list tables 2>/dev/null)
+    rm -f "$state/host-nft-tables"
+  fi
 }
 
 restore_sysctls() {
@@ -525,7 +542,10 @@ down() {
     kubectl_ delete pods --all --all-namespaces --grace-period=0 --force --wait=false >/dev/null 2>&1 || true
     local deadline=$((SECONDS + 60))
     while ((SECONDS < deadline)); do
-      [[ -z $(kubectl_ get pods -A -o name 2>/dev/null) ]] && [[ -z $(ctr_ containers ls -q 2>/dev/null) ]] && break
+      # Sandboxes stopped (CNI DEL ran): no pod left, no running task, no veth on the bridge.
+      [[ -z $(kubectl_ get pods -A -o name 2>/dev/null) ]] &&
+        [[ -z $(ctr_ tasks ls 2>/dev/null | awk 'NR > 1 && $3 == "RUNNING"') ]] &&
+        [[ -z $(ip -o link show master "$BRIDGE" 2>/dev/null) ]] && break
       sleep 1
     done
   fi
@@ -582,6 +602,9 @@ case "${1:-}" in
   status) status ;;
   leftovers) leftovers ;;
   images) ensure_packages; build_images ;;
+  import) # import ARCHIVE NAME: an OCI archive into the node's containerd, under NAME
+    [[ $# -eq 3 ]] || die "usage: hack/node.sh import ARCHIVE NAME"
+    import_image "$2" "$3" ;;
   env) echo "export KUBECONFIG=$state/admin.kubeconfig PATH=$(bin):\$PATH" ;;
   *) die "usage: hack/node.sh up|down|status|env|images|leftovers" ;;
 esac
