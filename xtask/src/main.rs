@@ -1,6 +1,6 @@
 //! `cargo xtask <task>`: the project's two top-level commands and a few helpers.
 //!
-//!   cargo xtask demo      local control plane + CRDs + example policies, then `kubectl get kap`
+//!   cargo xtask demo      local control plane, the chart, the operator and agent, example policies, `kubectl get kap`
 //!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
@@ -53,19 +53,20 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Debian packages the node-side tests use (`ip netns`, `sysctl`), installed when missing.
+/// Debian packages the tests and the demo use, installed when missing: `ip netns` and `sysctl` for the node-side
+/// tests, buildah for the image (`hack/image.sh`; no container engine or OCI runtime needed).
 fn ensure_debian_packages() -> Result<()> {
-    let missing = ["ip", "sysctl"].iter().any(|tool| {
-        !Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if missing {
-        step("Installing iproute2 and procps (apt-get)");
+    let missing: Vec<&str> = [("ip", "iproute2"), ("sysctl", "procps"), ("buildah", "buildah")]
+        .iter()
+        .filter(|(tool, _)| !which(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        step(&format!("Installing {} (apt-get)", missing.join(", ")));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "iproute2", "procps"])
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
@@ -115,14 +116,16 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn start_control_plane() -> Result<ControlPlane> {
+fn start_control_plane(with_crds: bool) -> Result<ControlPlane> {
     step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
     tools::build(&[])?;
     step("Starting a local control plane: etcd + kube-apiserver on loopback");
     let cp = ControlPlane::start()?;
     eprintln!("    apiserver {} ready", cp.server());
-    step("Installing the KeepalivePolicy CRD (crds/)");
-    cp.install_crds()?;
+    if with_crds {
+        step("Installing the CRDs (crds/)");
+        cp.install_crds()?;
+    }
     Ok(cp)
 }
 
@@ -134,63 +137,97 @@ fn apply_yaml(cp: &ControlPlane, name: &str, yaml: &str) -> Result<()> {
     Ok(())
 }
 
+/// The release the demo installs, and the names the chart derives from it.
+const RELEASE: &str = "keepalive";
+const NAMESPACE: &str = "keepalive-system";
+const FULLNAME: &str = "keepalive-keepalive-operator";
+const DEMO_NODE: &str = "demo-node";
+
+/// The container args of one of the installed chart's workloads, with `overrides` (flag, value) replacing the
+/// chart's value of a flag or appended when the chart does not set it (the demo runs them on this host).
+fn chart_args(cp: &ControlPlane, kind: &str, name: &str, overrides: &[(&str, String)]) -> Result<Vec<String>> {
+    let args = cp.kubectl_output(&[
+        "get",
+        kind,
+        name,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    let mut args: Vec<String> = serde_json::from_str(&args)?;
+    for (flag, value) in overrides {
+        let arg = format!("{flag}={value}");
+        match args.iter_mut().find(|a| a.starts_with(&format!("{flag}="))) {
+            Some(a) => *a = arg,
+            None => args.push(arg),
+        }
+    }
+    Ok(args)
+}
+
 fn demo(hold: bool) -> Result<()> {
+    ensure_debian_packages()?;
     step("Building the operator (cargo build)");
     run(cargo().args(["build", "--quiet", "--bin", "keepalive-operator"]))?;
-    let cp = start_control_plane()?;
+    let cp = start_control_plane(false)?;
+    let binary = tools::repo_root().join("target/debug/keepalive-operator");
 
-    step("Running the operator on this host: webhook + conformance controller, self-managed certificates");
-    cp.kubectl_output(&["create", "namespace", "keepalive-system"])?;
     let (port, admin) = (cluster::free_port()?, cluster::free_port()?);
-    let mut cmd = Command::new(tools::repo_root().join("target/debug/keepalive-operator"));
-    cmd.args([
-        "controller",
-        &format!("--listen=127.0.0.1:{port}"),
-        &format!("--admin-listen=127.0.0.1:{admin}"),
-    ])
-    .args([
-        "--namespace=keepalive-system",
-        "--tls-extra-sans=127.0.0.1",
-        "--webhook-configuration=keepalive-operator",
-    ])
-    .env("KUBECONFIG", cp.kubeconfig());
+    step("helm install: the chart's CRDs, ServiceAccounts, RBAC and webhook (registered by URL to this host)");
+    let chart = tools::repo_root().join("charts/keepalive-operator");
+    let out = cp
+        .helm()
+        .args([
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "-n",
+            NAMESPACE,
+            "--create-namespace",
+        ])
+        .arg(format!("--set=webhook.url=https://127.0.0.1:{port}/mutate"))
+        .arg("--set=webhook.extraSANs={127.0.0.1}")
+        .output()?;
+    if !out.status.success() {
+        bail!("helm install failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let notes = String::from_utf8_lossy(&out.stdout);
+    for line in notes.lines().take_while(|l| !l.starts_with("NOTES:")) {
+        eprintln!("    {line}");
+    }
+    eprintln!(
+        "    (no kubelet here: the chart's Deployment and DaemonSet create no pods; both run on this host instead)"
+    );
+
+    step("Running the operator on this host as the chart's ServiceAccount, with the Deployment's args");
+    let kubeconfig = cp.service_account_kubeconfig(NAMESPACE, FULLNAME)?;
+    let args = chart_args(
+        &cp,
+        "deployment",
+        FULLNAME,
+        &[
+            ("--listen", format!("127.0.0.1:{port}")),
+            ("--admin-listen", format!("127.0.0.1:{admin}")),
+        ],
+    )?;
+    let mut cmd = Command::new(&binary);
+    cmd.args(&args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", "operator-on-host")
+        .env("RUST_LOG", "info");
     let log = cp.work_dir().join("operator.log");
     let operator = cluster::spawn_logged(cmd, &log)?;
     wait_for("the operator to be ready", || {
         cluster::http_get(admin, "/readyz").is_some_and(|(c, _)| c == 200)
     })?;
+    eprintln!("    keepalive-operator {}", args.join(" "));
     eprintln!("    serving https://127.0.0.1:{port}/mutate; log: {}", log.display());
-    // Registered by URL to the host process, without a caBundle: the operator fills it in.
-    apply_yaml(
-        &cp,
-        "webhook",
-        &format!(
-            r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: keepalive-operator}}
-webhooks:
-- name: pods.keepalive.dev
-  clientConfig: {{url: "https://127.0.0.1:{port}/mutate"}}
-  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
-  failurePolicy: Ignore
-  sideEffects: None
-  timeoutSeconds: 5
-  reinvocationPolicy: IfNeeded
-  admissionReviewVersions: [v1]
-  namespaceSelector:
-    matchExpressions:
-    - {{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, keepalive-system]}}
-    - {{key: keepalive.dev/ignore, operator: NotIn, values: ["true"]}}
-  objectSelector:
-    matchExpressions: [{{key: keepalive.dev/ignore, operator: NotIn, values: ["true"]}}]
-"#
-        ),
-    )?;
     wait_for("the operator to set the webhook's caBundle", || {
         cp.kubectl_output(&[
             "get",
             "mutatingwebhookconfiguration",
-            "keepalive-operator",
+            FULLNAME,
             "-o",
             "jsonpath={.webhooks[0].clientConfig.caBundle}",
         ])
@@ -220,6 +257,7 @@ webhooks:
     };
     let pods = [
         pod("shop", "web", ""),
+        pod("shop", "checkout", ""),
         pod("payments", "db-client", "").replace(
             "spec:\n",
             "spec:\n  securityContext: {sysctls: [{name: net.ipv4.tcp_keepalive_time, value: \"45\"}]}\n",
@@ -227,11 +265,40 @@ webhooks:
         pod("shop", "node-agent", "").replace("spec:\n", "spec:\n  hostNetwork: true\n"),
         pod("shop", "legacy", ", labels: {keepalive.dev/ignore: \"true\"}"),
     ];
+    let pods: Vec<String> = pods
+        .iter()
+        .map(|p| p.replace("spec:\n", &format!("spec:\n  nodeName: {DEMO_NODE}\n")))
+        .collect();
     apply_yaml(&cp, "pods", &pods.join("---\n"))?;
+
+    // The node agent needs root (network namespaces, cgroups) and iproute2.
+    // SAFETY: geteuid(2) only reads this process's credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let _live = if root && which("ip") {
+        Some(live_node(&cp, &binary)?)
+    } else {
+        eprintln!("    (not root, or no `ip`: skipping the node agent part)");
+        None
+    };
 
     step("kubectl get kap (the controller writes status every few seconds)");
     std::thread::sleep(std::time::Duration::from_secs(5));
     print!("{}", cp.kubectl_output(&["get", "kap"])?);
+    if _live.is_some() {
+        step("kubectl get kanr: what the node agent read from the kernel");
+        print!("{}", cp.kubectl_output(&["get", "kanr"])?);
+        println!(
+            "{}",
+            cp.kubectl_output(&[
+                "get",
+                "kanr",
+                DEMO_NODE,
+                "-o",
+                "jsonpath={range .spec.pods[*]}{.namespace}/{.name}: time={.sysctls.time} intvl={.sysctls.interval} \
+                 probes={.sysctls.probes} established={.established} keepalive={.keepalive} {.error}{\"\\n\"}{end}",
+            ])?
+        );
+    }
     step("kubectl get pod web -n shop: the sysctls and annotation the webhook injected");
     println!(
         "{}",
@@ -271,6 +338,100 @@ webhooks:
     result
 }
 
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What the demo runs for the node agent; stopped on drop.
+struct LiveNode {
+    agent: Option<std::process::Child>,
+    // Dropped in this order: the processes holding connections leave the pods' cgroups before those go.
+    _connections: Vec<xtask::sandbox::HeldConnections>,
+    _sandboxes: Vec<xtask::sandbox::Sandbox>,
+}
+
+impl Drop for LiveNode {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            cluster::kill(agent);
+        }
+    }
+}
+
+/// Stands in for kubelet on `demo-node`: each pod bound to it gets a real network namespace in a kubelet-style
+/// cgroup, with the sysctls kubelet would apply from its spec — except `checkout`, whose runtime "lost" them —
+/// and a process holding connections (some without SO_KEEPALIVE). Then runs the node agent on this host as the
+/// chart's agent ServiceAccount, with the DaemonSet's args.
+fn live_node(cp: &ControlPlane, binary: &std::path::Path) -> Result<LiveNode> {
+    use xtask::sandbox::{Layout, Sandbox};
+    step("Node agent: real network namespaces for the pods bound to demo-node, the agent reading them");
+    let mut sandboxes = Vec::new();
+    let mut connections = Vec::new();
+    for (ns, name) in [
+        ("shop", "web"),
+        ("shop", "checkout"),
+        ("payments", "db-client"),
+        ("shop", "legacy"),
+    ] {
+        let pod: serde_json::Value =
+            serde_json::from_str(&cp.kubectl_output(&["get", "pod", name, "-n", ns, "-o", "json"])?)?;
+        let uid = pod["metadata"]["uid"].as_str().context("pod uid")?;
+        let value = |sysctl: &str| {
+            pod["spec"]["securityContext"]["sysctls"]
+                .as_array()
+                .and_then(|l| l.iter().find(|s| s["name"] == sysctl))
+                .and_then(|s| s["value"].as_str()?.parse::<i32>().ok())
+        };
+        let applied = match (
+            value("net.ipv4.tcp_keepalive_time"),
+            value("net.ipv4.tcp_keepalive_intvl"),
+            value("net.ipv4.tcp_keepalive_probes"),
+        ) {
+            _ if name == "checkout" => None,
+            (Some(t), i, p) => Some((t, i.unwrap_or(75), p.unwrap_or(9))),
+            _ => None,
+        };
+        let sandbox = Sandbox::new(name, uid, Layout::CgroupfsBurstable, applied);
+        connections.push(sandbox.connect(2, 1));
+        eprintln!("    {ns}/{name}: netns with {applied:?}, 3 connections held (2 with SO_KEEPALIVE)");
+        sandboxes.push(sandbox);
+    }
+    let kubeconfig = cp.service_account_kubeconfig(NAMESPACE, &format!("{FULLNAME}-agent"))?;
+    let admin = cluster::free_port()?;
+    let args = chart_args(
+        cp,
+        "daemonset",
+        &format!("{FULLNAME}-agent"),
+        &[
+            ("--admin-listen", format!("127.0.0.1:{admin}")),
+            ("--proc-root", "/proc".to_string()),
+            ("--node-name", DEMO_NODE.to_string()),
+            ("--scan-interval-seconds", "1".to_string()),
+            // hostNetwork pods are judged by the node's values: this process lives in the host's namespace.
+            ("--node-netns-pid", std::process::id().to_string()),
+        ],
+    )?;
+    let mut cmd = Command::new(binary);
+    cmd.args(&args).env("KUBECONFIG", &kubeconfig).env("RUST_LOG", "info");
+    let log = cp.work_dir().join("agent.log");
+    let agent = cluster::spawn_logged(cmd, &log)?;
+    wait_for("the agent's first report", || {
+        cluster::http_get(admin, "/readyz").is_some_and(|(c, _)| c == 200)
+    })
+    .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    eprintln!("    keepalive-operator {}", args.join(" "));
+    eprintln!("    log: {}", log.display());
+    Ok(LiveNode {
+        agent: Some(agent),
+        _sandboxes: sandboxes,
+        _connections: connections,
+    })
+}
+
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !ready() {
@@ -283,7 +444,7 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
 }
 
 fn cluster() -> Result<()> {
-    let cp = start_control_plane()?;
+    let cp = start_control_plane(true)?;
     hold_until_interrupted(&cp)
 }
 

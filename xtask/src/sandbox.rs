@@ -119,7 +119,10 @@ impl Sandbox {
             ],
         };
         let mut cgroups = Vec::new();
-        let mut dir = cgroup_root();
+        // Under a parent of its own, as with kubelet's --cgroup-root: a real kubelet on the same machine (the e2e
+        // node) treats pod cgroups under its own root that it does not know as orphans and kills their processes.
+        let mut dir = cgroup_root().join("keepalive-sandbox");
+        std::fs::create_dir_all(&dir).unwrap();
         for part in relative {
             dir = dir.join(part);
             if !dir.exists() {
