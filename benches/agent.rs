@@ -104,47 +104,15 @@ fn main() {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
         .unwrap();
-    println!(
-        "{:<48} {:>10}",
-        "first scan (enters all 110 namespaces)",
-        format!("{:.1} ms", first.unwrap().as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "scan, median of 20",
-        format!("{:.1} ms", times[10].as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "scan, slowest of 20",
-        format!("{:.1} ms", times[19].as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "baseline: 330 sysctl reads, host netns",
-        format!("{:.2} ms", baseline.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "  of which: /proc walk for the pods' processes",
-        format!("{:.1} ms", walk.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "  old way: 110 × enter netns + read sysctls",
-        format!("{:.1} ms", sysctls_only.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "  old way: 110 × enter netns + sock_diag dump",
-        format!("{:.1} ms", connections_only.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<48} {:>10}",
-        "  110 × count from the pods' socket fds",
-        format!("{:.1} ms", held_only.as_secs_f64() * 1e3)
-    );
-    println!("{:<48} {:>10}", "this process's RSS after the scans", rss);
+    xtask::bench::millis("first scan (enters all 110 namespaces)", first.unwrap());
+    xtask::bench::millis("scan, median of 20", times[10]);
+    xtask::bench::millis("scan, slowest of 20", times[19]);
+    xtask::bench::millis("baseline: 330 sysctl reads, host netns", baseline);
+    xtask::bench::millis("  of which: /proc walk for the pods' processes", walk);
+    xtask::bench::millis("  old way: 110 × enter netns + read sysctls", sysctls_only);
+    xtask::bench::millis("  old way: 110 × enter netns + sock_diag dump", connections_only);
+    xtask::bench::millis("  110 × count from the pods' socket fds", held_only);
+    xtask::bench::row("this process's RSS after the scans", rss);
     println!(
         "target: scan ≤ 50 ms: {}",
         if times[19].as_millis() <= 50 { "met" } else { "MISSED" }
@@ -252,25 +220,22 @@ fn real_agent(sandboxes: &[Sandbox]) {
                     .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
             })
             .unwrap();
-        println!(
-            "{:<48} {:>10}",
+        xtask::bench::row(
             "real agent, 110 pods reported: RSS",
-            format!("{:.1} MiB", rss_kib as f64 / 1024.0)
+            format!("{:.1} MiB", rss_kib as f64 / 1024.0),
         );
-        println!(
-            "{:<48} {:>10}",
+        xtask::bench::row(
             "  its peak RSS (VmHWM)",
             format!(
                 "{:.1} MiB",
                 field("VmHWM:").trim_end_matches(" kB").parse::<f64>().unwrap() / 1024.0
-            )
+            ),
         );
-        println!(
-            "{:<48} {:>10}",
+        xtask::bench::row(
             "  baseline: this bench process's RSS",
-            format!("{:.1} MiB", own_kib as f64 / 1024.0)
+            format!("{:.1} MiB", own_kib as f64 / 1024.0),
         );
-        println!("{:<48} {:>10}", "  report writes in a quiet 65 s (1 s scans)", writes);
+        xtask::bench::row("  report writes in a quiet 65 s (1 s scans)", writes);
         println!(
             "target: agent RSS ≤ 30 MiB: {}",
             if rss_kib <= 30 * 1024 { "met" } else { "MISSED" }

@@ -184,35 +184,23 @@ fn main() {
         "controller cache: {PODS} pods, {NAMESPACES} namespaces, {POLICIES} policies ({} matched, {} conformant)",
         totals.0, totals.1
     );
-    println!(
-        "{:<44} {:>12}",
+    xtask::bench::row(
         "lean cache + tallies, RSS",
-        format!("{:.1} MiB", lean_kib as f64 / 1024.0)
+        format!("{:.1} MiB", lean_kib as f64 / 1024.0),
     );
-    println!(
-        "{:<44} {:>12}",
+    xtask::bench::row(
         "kube-rs reflector of full Pods, RSS (baseline)",
-        format!("{:.1} MiB", reflector_kib as f64 / 1024.0)
+        format!("{:.1} MiB", reflector_kib as f64 / 1024.0),
     );
-    println!(
-        "{:<44} {:>12}",
+    xtask::bench::row(
         "ratio lean / reflector",
-        format!("1/{:.1}", reflector_kib as f64 / lean_kib as f64)
+        format!("1/{:.1}", reflector_kib as f64 / lean_kib as f64),
     );
-    println!(
-        "{:<44} {:>12}",
-        "ingest (parse + lean + evaluate)",
-        format!("{:.0} ms", ingest.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<44} {:>12}",
-        "full recompute of all statuses",
-        format!("{:.0} ms", full.as_secs_f64() * 1e3)
-    );
-    println!(
-        "{:<44} {:>12}",
+    xtask::bench::millis("ingest (parse + lean + evaluate)", ingest);
+    xtask::bench::millis("full recompute of all statuses", full);
+    xtask::bench::row(
         "one pod change -> its policy's summary (p50)",
-        format!("{:.1} µs", one.as_secs_f64() * 1e6)
+        format!("{:.1} µs", one.as_secs_f64() * 1e6),
     );
     println!(
         "targets: RSS ≤ 150 MiB: {}; ≤ 1/5 of the reflector: {}; full recompute ≤ 300 ms: {}",

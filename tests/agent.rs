@@ -261,7 +261,7 @@ async fn policy_status_joins_the_live_readings() {
 
 /// `keepalive-operator agent` for `node` as a real process, scanning every second. Killed on drop.
 struct Agent {
-    child: Option<std::process::Child>,
+    _process: HostProcess,
     admin_port: u16,
     // A process in the host's network namespace stands in for the node's init.
     host_process: std::process::Child,
@@ -276,17 +276,16 @@ impl Agent {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
         let admin_port = xtask::cluster::free_port().unwrap();
-        cmd.args(["agent", "--scan-interval-seconds=1"])
-            .arg(format!("--node-name={node}"))
-            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
-            .arg(format!("--node-netns-pid={}", host_process.id()))
-            .env("KUBECONFIG", cp.kubeconfig());
-        let log = cp.work_dir().join(format!("agent-{node}.log"));
-        let child = xtask::cluster::spawn_logged(cmd, &log).unwrap();
+        let args = [
+            "agent".to_string(),
+            "--scan-interval-seconds=1".to_string(),
+            format!("--node-name={node}"),
+            format!("--admin-listen=127.0.0.1:{admin_port}"),
+            format!("--node-netns-pid={}", host_process.id()),
+        ];
         Agent {
-            child: Some(child),
+            _process: HostProcess::spawn(cp, &format!("agent-{node}"), &args, cp.kubeconfig()),
             admin_port,
             host_process,
         }
@@ -295,9 +294,6 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            xtask::cluster::kill(child);
-        }
         let _ = self.host_process.kill();
         let _ = self.host_process.wait();
     }

@@ -12,7 +12,6 @@ mod common;
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -344,72 +343,13 @@ fn options_render_as_documented() {
     );
 }
 
-/// `keepalive-operator` run on this host with the chart's ServiceAccount token. Killed on drop.
-struct HostProcess {
-    child: Option<std::process::Child>,
-    log: PathBuf,
-}
-
-impl HostProcess {
-    fn start(name: &str, args: &[String], kubeconfig: &Path) -> HostProcess {
-        let log = cp().work_dir().join(format!("{name}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
-        cmd.args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("POD_NAME", format!("{name}-on-host"))
-            .env("RUST_LOG", "info,keepalive_operator=debug,kube=info")
-            .env_remove("POD_NAMESPACE")
-            .env_remove("KUBERNETES_SERVICE_HOST");
-        HostProcess {
-            child: Some(cluster::spawn_logged(cmd, &log).unwrap()),
-            log,
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self, admin_port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((200, body)) = cluster::http_get(admin_port, "/readyz")
-                && body.starts_with("ok")
-            {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("operator exited with {status}:\n{}", self.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "operator not ready after 60 s:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// No request of this process was refused by RBAC.
-    fn assert_never_forbidden(&self) {
-        let logs = self.logs();
-        assert!(
-            !logs.contains("is forbidden: User") && !logs.contains("code: 403"),
-            "a request was forbidden:\n{logs}"
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            cluster::kill(child);
-        }
-    }
-}
-
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// No request of the process was refused by RBAC.
+fn assert_never_forbidden(process: &HostProcess) {
+    let logs = process.logs();
+    assert!(
+        !logs.contains("is forbidden: User") && !logs.contains("code: 403"),
+        "a request was forbidden:\n{logs}"
+    );
 }
 
 /// The container args of the chart's operator Deployment, with the listen addresses moved to loopback ports.
@@ -735,7 +675,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     // --- sufficient: the operator with its ServiceAccount's token and the Deployment's args -----------------
     let kubeconfig = cp.service_account_kubeconfig(NS, FULLNAME).unwrap();
     let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
-    let mut operator = HostProcess::start("chart-operator", &operator_args(port, admin_port), &kubeconfig);
+    let mut operator = HostProcess::spawn(cp, "chart-operator", &operator_args(port, admin_port), &kubeconfig);
     operator.wait_ready(admin_port);
     // Self-managed certificates: it created its Secret and set the webhook's caBundle.
     let secret = eventually(Duration::from_secs(30), "the operator's Secret", || async {
@@ -760,7 +700,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         (lease["spec"]["holderIdentity"] == "chart-operator-on-host").then_some(())
     })
     .await;
-    operator.assert_never_forbidden();
+    assert_never_forbidden(&operator);
     operator.stop();
 
     // --- upgrade: the webhook now calls this host's operator by URL ------------------------------------------
@@ -785,7 +725,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
 
     let args = operator_args(port, admin_port);
     assert!(args.contains(&"--tls-extra-sans=127.0.0.1".to_string()), "{args:?}");
-    let mut operator = HostProcess::start("chart-operator-2", &args, &kubeconfig);
+    let mut operator = HostProcess::spawn(cp, "chart-operator-2", &args, &kubeconfig);
     operator.wait_ready(admin_port);
     // New names: the certificate was reissued in the same Secret (update), by the same CA.
     eventually(
@@ -837,7 +777,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         },
     )
     .await;
-    operator.assert_never_forbidden();
+    assert_never_forbidden(&operator);
 
     // --- sufficient: the agent with its ServiceAccount's token and the DaemonSet's args ----------------------
     let agent_kubeconfig = cp.service_account_kubeconfig(NS, &agent).unwrap();
@@ -862,7 +802,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         })
         .chain(["--node-name=chart-node".to_string()])
         .collect();
-    let agent_process = HostProcess::start("chart-agent", &agent_args, &agent_kubeconfig);
+    let agent_process = HostProcess::spawn(cp, "chart-agent", &agent_args, &agent_kubeconfig);
     let reports: kube::Api<keepalive_operator::api::KeepaliveNodeReport> = kube::Api::all(client.clone());
     eventually(Duration::from_secs(30), "the agent's node report", || async {
         let r = reports.get_opt("chart-node").await.ok()??;
@@ -871,9 +811,9 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     .await;
     // Its probes: ready once the report is written.
     assert_eq!(cluster::http_get(agent_admin, "/readyz").map(|(c, _)| c), Some(200));
-    agent_process.assert_never_forbidden();
+    assert_never_forbidden(&agent_process);
     drop(agent_process);
-    operator.assert_never_forbidden();
+    assert_never_forbidden(&operator);
     operator.stop();
 
     // --- uninstall: everything of the release goes; CRDs, policies and reports stay ------------------------

@@ -38,70 +38,52 @@ pub fn write_serving_cert(dir: &Path) -> (String, PathBuf, PathBuf) {
     (pki.ca, cert, key)
 }
 
-/// `keepalive-operator controller` as a real process against the control plane. Killed on drop.
-pub struct Operator {
+/// `keepalive-operator` (any subcommand) as a real process on this host, logging to a file. Killed on drop.
+pub struct HostProcess {
     child: Option<Child>,
-    pub port: u16,
-    pub admin_port: u16,
     pub log: PathBuf,
 }
 
-impl Operator {
-    /// Starts the operator with `args` (besides the listen addresses) and waits until /readyz answers ok.
-    pub fn start(cp: &ControlPlane, name: &str, args: &[&str]) -> Operator {
-        let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
-        let log = cp.work_dir().join(format!("operator-{name}.log"));
+impl HostProcess {
+    /// Starts `keepalive-operator <args>` with `kubeconfig` (its identity), as a process outside any pod.
+    pub fn spawn(cp: &ControlPlane, name: &str, args: &[String], kubeconfig: &Path) -> HostProcess {
+        let log = cp.work_dir().join(format!("{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
-        cmd.arg("controller")
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
-            .args(args)
-            .env("KUBECONFIG", cp.kubeconfig())
-            .env("RUST_LOG", "info,keepalive_operator=debug");
-        let child = cluster::spawn_logged(cmd, &log).unwrap();
-        let mut op = Operator {
-            child: Some(child),
-            port,
-            admin_port,
+        cmd.args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", format!("{name}-on-host"))
+            .env("RUST_LOG", "info,keepalive_operator=debug,kube=info")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        HostProcess {
+            child: Some(cluster::spawn_logged(cmd, &log).unwrap()),
             log,
-        };
-        op.wait_ready();
-        op
+        }
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until `/readyz` on `admin_port` answers ok; panics with the log if the process exits or after 60 s.
+    pub fn wait_ready(&mut self, admin_port: u16) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some((200, body)) = cluster::http_get(self.admin_port, "/readyz")
+            if let Some((200, body)) = cluster::http_get(admin_port, "/readyz")
                 && body.starts_with("ok")
             {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("operator exited with {status}:\n{}", self.logs());
+                panic!("keepalive-operator exited with {status}:\n{}", self.logs());
             }
             assert!(
                 Instant::now() < deadline,
-                "operator not ready after 60 s:\n{}",
+                "keepalive-operator not ready after 60 s:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}/mutate", self.port)
-    }
-
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `/metrics` of the admin port.
-    pub fn metrics(&self) -> String {
-        cluster::http_get(self.admin_port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
     }
 
     /// SIGKILL: no clean shutdown, no lease release.
@@ -124,9 +106,66 @@ impl Operator {
     }
 }
 
-impl Drop for Operator {
+impl Drop for HostProcess {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// `keepalive-operator controller` as a real process against the control plane, with admin credentials.
+pub struct Operator {
+    process: HostProcess,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Operator {
+    /// Starts the operator with `args` (besides the listen addresses) and waits until /readyz answers ok.
+    pub fn start(cp: &ControlPlane, name: &str, args: &[&str]) -> Operator {
+        let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
+        let args: Vec<String> = [
+            "controller".to_string(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--admin-listen=127.0.0.1:{admin_port}"),
+        ]
+        .into_iter()
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+        let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, cp.kubeconfig());
+        process.wait_ready(admin_port);
+        Operator {
+            process,
+            port,
+            admin_port,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/mutate", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+
+    /// `/metrics` of the admin port.
+    pub fn metrics(&self) -> String {
+        cluster::http_get(self.admin_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL: no clean shutdown, no lease release.
+    pub fn kill_hard(&mut self) {
+        self.process.kill_hard();
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.process.running()
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop();
     }
 }
 
