@@ -142,19 +142,20 @@ build_images() {
   echo "$w"
 }
 
-# import_image ARCHIVE NAME: into containerd's k8s.io namespace under NAME
+# import_image ARCHIVE NAME: into containerd's k8s.io namespace under NAME. The archive's manifest is renamed to
+# NAME first: ctr keeps a short name such as keepalive-operator:0.1.0 as it is, which the CRI plugin then
+# normalizes to docker.io/library/... and no longer finds.
 import_image() {
-  local archive="$1" name="$2"
-  ctr_ images import --all-platforms --no-unpack "$archive" >/dev/null 2>&1 \
-    || ctr_ images import --all-platforms "$archive" >&2
-  # buildah names the manifest with the full reference; make sure that name exists as given.
-  if ! ctr_ images ls -q | grep -qx "$name"; then
-    local got
-    got="$(ctr_ images ls -q | grep -F "${name##*/}" | head -n1 || true)"
-    [[ -n $got ]] || die "image $name not found after importing $archive (have: $(ctr_ images ls -q | tr '\n' ' '))"
-    ctr_ images tag --force "$got" "$name" >/dev/null
-  fi
-  ctr_ images unpack --snapshotter overlayfs "$name" >/dev/null 2>&1 || true
+  local archive="$1" name="$2" tmp
+  tmp="$(mktemp -d)"
+  tar -xf "$archive" -C "$tmp"
+  sed -i -E 's#"org\.opencontainers\.image\.ref\.name":"[^"]*"#"org.opencontainers.image.ref.name":"'"$name"'"#' "$tmp/index.json"
+  grep -qF "\"$name\"" "$tmp/index.json" || { rm -rf "$tmp"; die "$archive: no image name in its index.json"; }
+  tar -cf "$tmp.tar" -C "$tmp" .
+  rm -rf "$tmp"
+  ctr_ images import --all-platforms "$tmp.tar" >/dev/null || { rm -f "$tmp.tar"; die "importing $archive failed"; }
+  rm -f "$tmp.tar"
+  ctr_ images ls -q | grep -qx "$name" || die "image $name not found after importing $archive"
 }
 
 # --- PKI (openssl, ECDSA P-256) -----------------------------------------------------------------------------------

@@ -1,0 +1,386 @@
+#!/usr/bin/env bash
+# End-to-end proof on a real node: the operator changes what the kernel does.
+#
+#   hack/e2e.sh [--keep]
+#
+# 1. hack/node.sh up (etcd, apiserver, controller-manager, scheduler, kubelet, containerd; see there);
+# 2. the operator image (hack/image.sh; KEEPALIVE_IMAGE_PROFILE=dev for a quicker build) imported into containerd,
+#    `helm install` of charts/keepalive-operator; the operator and agent pods become Ready;
+# 3. a KeepalivePolicy time 20 / interval 5 / probes 3 for the namespace e2e-keepalive, a server pod (namespace
+#    e2e-plain, no policy) and the client Deployment (2 pods, each holding 2 connections with SO_KEEPALIVE and
+#    1 without);
+# 4. checks: the pods' sysctls; the values in their network namespaces; the agent's KeepaliveNodeReport;
+#    `kubectl get kap` conformant + live + coverage; on the wire (tcpdump on the host's veths, from before the
+#    clients connect): the first probe after 20 s of idle, an answered probe followed by the next after 20 s,
+#    then, with the server's answers dropped, probes every 5 s and the reset after 3; `ss -o` timers in the
+#    pod's namespace; a client without the policy keeps the 7200 s default and sends no probe; a pod created
+#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back;
+# 5. a PASS/FAIL summary, and hack/node.sh down (unless --keep).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+keep=false
+[[ ${1:-} == --keep ]] && keep=true
+
+t_start=$SECONDS
+say() { printf '[e2e %s] %s\n' "$(date -u +%T)" "$*" >&2; }
+results=()
+failed=0
+pass() { results+=("PASS  $*"); say "PASS $*"; }
+fail() { results+=("FAIL  $*"); say "FAIL $*"; failed=$((failed + 1)); }
+check() { # check NAME CMD...: PASS when the command succeeds
+  local name="$1"; shift
+  if "$@"; then pass "$name"; else fail "$name"; fi
+}
+
+summary() {
+  local rc=$?
+  set +e
+  if [[ -n ${tcpdump_pid:-} ]]; then kill "$tcpdump_pid" 2>/dev/null; wait "$tcpdump_pid" 2>/dev/null; fi
+  if [[ -n ${drop_rule:-} ]]; then nsenter -t "$server_pid" -n iptables -D $drop_rule 2>/dev/null; fi
+  ((rc != 0)) && fail "ABORTED (exit $rc) during: ${stage:-?}"
+  local e2e_s=$((SECONDS - t_start))
+  if ! $keep; then
+    say "tearing the node down (hack/node.sh down; --keep keeps it)"
+    local t=$SECONDS left
+    "$here/node.sh" down
+    left="$("$here/node.sh" leftovers)"
+    if [[ -z $left ]]; then pass "node down in $((SECONDS - t)) s: no process, mount, interface, iptables rule or cgroup left"
+    else fail "node down left: $(tr '\n' ';' <<<"$left")"; fi
+  fi
+  echo
+  echo "================ e2e summary ================"
+  printf '%s\n' "${results[@]}"
+  echo "e2e $e2e_s s (node up ${node_up_s:-?} s), total $((SECONDS - t_start)) s; $(printf '%s\n' "${results[@]}" | grep -c '^PASS') passed, $failed failed"
+  if ((failed == 0)); then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
+  echo "============================================="
+  ((failed == 0))
+  exit $?
+}
+trap summary EXIT
+
+stage="node up"
+t=$SECONDS
+"$here/node.sh" up
+node_up_s=$((SECONDS - t))
+pass "node up (Ready after ${node_up_s} s)"
+eval "$("$here/node.sh" env)"
+state="${KEEPALIVE_NODE_DIR:-/var/lib/keepalive-node}"
+run="${KEEPALIVE_NODE_RUN:-/run/keepalive-node}"
+WORKLOAD_IMAGE=localhost/keepalive-e2e/workload:1
+NS=e2e-keepalive
+PLAIN_NS=e2e-plain
+REL_NS=keepalive-system
+
+# pid of the first process of a pod's container (via containerd's task list)
+pod_pid() { # NAMESPACE POD
+  local cid
+  cid="$(kubectl get pod -n "$1" "$2" -o jsonpath='{.status.containerStatuses[0].containerID}')"
+  cid="${cid#containerd://}"
+  ctr --address "$run/containerd.sock" -n k8s.io tasks ls | awk -v c="$cid" '$1 == c {print $2}'
+}
+in_pod() { local pid; pid="$(pod_pid "$1" "$2")"; shift 2; nsenter -t "$pid" -n "$@"; }
+
+# --- operator image and chart --------------------------------------------------------------------------------------
+stage="operator image"
+t=$SECONDS
+archive="$("$here/image.sh")"
+version="$(tar -xOf "$archive" index.json | sed -n 's/.*"org.opencontainers.image.ref.name":"[^"]*:\([^"]*\)".*/\1/p')"
+[[ -n $version ]] || version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}/\1/p' "$root/charts/keepalive-operator/Chart.yaml")"
+"$here/node.sh" import "$archive" "localhost/keepalive-operator:$version"
+pass "operator image built and imported as localhost/keepalive-operator:$version ($((SECONDS - t)) s)"
+
+stage="helm install"
+t=$SECONDS
+kubectl create namespace "$REL_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# The agent needs hostPID and two capabilities: Pod Security "privileged" in its namespace.
+kubectl label namespace "$REL_NS" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
+helm upgrade --install keepalive "$root/charts/keepalive-operator" -n "$REL_NS" \
+  --set image.repository=localhost/keepalive-operator --set image.tag="$version" --set image.pullPolicy=Never \
+  --set operator.logFormat=text --set agent.logFormat=text \
+  --wait --timeout 180s >/dev/null
+kubectl get pods -n "$REL_NS" -o wide
+if kubectl rollout status -n "$REL_NS" deployment/keepalive-keepalive-operator --timeout=60s >/dev/null 2>&1 ||
+  kubectl rollout status -n "$REL_NS" deployment -l app.kubernetes.io/component=operator --timeout=60s >/dev/null; then
+  pass "helm install: operator Deployment Ready ($((SECONDS - t)) s)"
+else fail "helm install: operator Deployment Ready"; fi
+operator_deploy="$(kubectl get deploy -n "$REL_NS" -l app.kubernetes.io/component=operator -o name)"
+check "helm install: agent DaemonSet Ready" kubectl rollout status -n "$REL_NS" daemonset -l app.kubernetes.io/component=agent --timeout=60s
+
+# The agent lists /proc/<pid>/fd of each pod's processes to count their connections; with only SYS_PTRACE and
+# SYS_ADMIN it cannot for pods that run as another uid (the directory is 0500, owner the pod's uid) and reports
+# 0 connections. KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1 adds DAC_READ_SEARCH to the installed DaemonSet, to show
+# the rest works; without it, the coverage check tests the chart as shipped.
+ds="$(kubectl get ds -n "$REL_NS" -l app.kubernetes.io/component=agent -o name)"
+if [[ ${KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH:-0} == 1 ]] &&
+  ! kubectl get -n "$REL_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep -q DAC_READ_SEARCH; then
+  say "WORKAROUND: adding DAC_READ_SEARCH to the agent's capabilities"
+  kubectl patch -n "$REL_NS" "$ds" --type=json \
+    -p '[{"op":"add","path":"/spec/template/spec/containers/0/securityContext/capabilities/add/-","value":"DAC_READ_SEARCH"}]' >/dev/null
+  kubectl rollout status -n "$REL_NS" "$ds" --timeout=60s >/dev/null
+  results+=("NOTE  agent DaemonSet patched: capabilities + DAC_READ_SEARCH (KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1)")
+fi
+
+# --- policy and workload ---------------------------------------------------------------------------------------------
+stage="policy and workload"
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $NS
+  labels: {keepalive-e2e: "on"}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $PLAIN_NS
+---
+apiVersion: keepalive.dev/v1alpha1
+kind: KeepalivePolicy
+metadata:
+  name: e2e-fast
+spec:
+  mode: Enforce
+  namespaceSelector:
+    matchLabels: {keepalive-e2e: "on"}
+  keepalive: {time: 20, interval: 5, probes: 3}
+EOF
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: $PLAIN_NS
+  labels: {app: keepalive-server}
+spec:
+  containers:
+    - name: server
+      image: $WORKLOAD_IMAGE
+      imagePullPolicy: Never
+      args: [server, --listen, ":7000"]
+      ports: [{containerPort: 7000}]
+EOF
+kubectl wait -n "$PLAIN_NS" pod/server --for=condition=Ready --timeout=60s >/dev/null
+server_ip="$(kubectl get pod -n "$PLAIN_NS" server -o jsonpath='{.status.podIP}')"
+server_pid="$(pod_pid "$PLAIN_NS" server)"
+say "server pod at $server_ip"
+
+# On the wire: every packet of port 7000 as it enters the host from a pod's veth (each packet once).
+capture="$state/e2e-capture.txt"
+: >"$capture"
+tcpdump -i any -Q in -nn -tt -l 'tcp port 7000' >"$capture" 2>"$state/e2e-tcpdump.log" &
+tcpdump_pid=$!
+sleep 2
+
+client_manifest() { # NAMESPACE NAME REPLICAS
+  cat <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: $2
+  namespace: $1
+spec:
+  replicas: $3
+  selector:
+    matchLabels: {app: $2}
+  template:
+    metadata:
+      labels: {app: $2}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: client
+          image: $WORKLOAD_IMAGE
+          imagePullPolicy: Never
+          args: [client, --peer, "$server_ip:7000", --keepalive, "2", --plain, "1"]
+EOF
+}
+client_manifest "$NS" clients 2 | kubectl apply -f - >/dev/null
+client_manifest "$PLAIN_NS" plain-client 1 | kubectl apply -f - >/dev/null
+kubectl rollout status -n "$NS" deployment/clients --timeout=90s >/dev/null
+kubectl rollout status -n "$PLAIN_NS" deployment/plain-client --timeout=90s >/dev/null
+t_clients=$SECONDS
+mapfile -t clients < <(kubectl get pods -n "$NS" -l app=clients -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
+plain_pod="$(kubectl get pods -n "$PLAIN_NS" -l app=plain-client -o jsonpath='{.items[0].metadata.name}')"
+say "clients: ${clients[*]}; without policy: $plain_pod"
+
+# --- pod spec and kernel values ---------------------------------------------------------------------------------------
+stage="sysctls"
+spec_sysctls() { kubectl get pod -n "$1" "$2" -o jsonpath='{range .spec.securityContext.sysctls[*]}{.name}={.value} {end}'; }
+for p in "${clients[@]}"; do
+  s="$(spec_sysctls "$NS" "$p")"
+  echo "  $NS/$p spec sysctls: $s"
+  [[ $s == *"net.ipv4.tcp_keepalive_time=20"* && $s == *"net.ipv4.tcp_keepalive_intvl=5"* && $s == *"net.ipv4.tcp_keepalive_probes=3"* ]] \
+    && pass "pod $p: sysctls injected by the webhook ($s)" || fail "pod $p: sysctls injected (got '$s')"
+  k="$(in_pod "$NS" "$p" sh -c 'echo $(cat /proc/sys/net/ipv4/tcp_keepalive_time /proc/sys/net/ipv4/tcp_keepalive_intvl /proc/sys/net/ipv4/tcp_keepalive_probes)')"
+  [[ $k == "20 5 3" ]] && pass "pod $p: kernel holds time/intvl/probes = $k in its netns" || fail "pod $p: kernel values '$k', want '20 5 3'"
+done
+s="$(spec_sysctls "$PLAIN_NS" "$plain_pod")"
+k="$(in_pod "$PLAIN_NS" "$plain_pod" sh -c 'echo $(cat /proc/sys/net/ipv4/tcp_keepalive_time /proc/sys/net/ipv4/tcp_keepalive_intvl /proc/sys/net/ipv4/tcp_keepalive_probes)')"
+[[ -z $s && $k == "7200 75 9" ]] && pass "pod without policy ($plain_pod): no sysctls in spec, kernel default $k" \
+  || fail "pod without policy: spec '$s', kernel '$k' (want none, 7200 75 9)"
+
+# --- ss timers ----------------------------------------------------------------------------------------------------------
+stage="ss timers"
+c0="${clients[0]}"
+ss_out="$(in_pod "$NS" "$c0" ss -tno state established "( dport = :7000 )")"
+echo "$ss_out" | sed 's/^/  ss (policy) | /'
+n_ka="$(grep -c 'timer:(keepalive' <<<"$ss_out" || true)"
+n_plain="$(grep -vc 'timer:\|^Recv-Q\|^State' <<<"$ss_out" || true)"
+max_timer="$(grep -o 'timer:(keepalive,[0-9.]*sec' <<<"$ss_out" | grep -o '[0-9.]*sec' | tr -d sec | sort -n | tail -1)"
+if ((n_ka == 2 && n_plain == 1)) && [[ -n $max_timer ]] && awk -v t="$max_timer" 'BEGIN {exit !(t <= 20)}'; then
+  pass "ss -o in $c0: 2 connections with keepalive timers ≤ 20 s (max ${max_timer} s), 1 without timer"
+else fail "ss -o in $c0: $n_ka keepalive timers (max '${max_timer}'), $n_plain without"; fi
+ss_plain="$(in_pod "$PLAIN_NS" "$plain_pod" ss -tno state established "( dport = :7000 )")"
+echo "$ss_plain" | sed 's/^/  ss (no policy) | /'
+if grep -q 'timer:(keepalive,1[12][0-9]min' <<<"$ss_plain"; then
+  pass "ss -o in $plain_pod: keepalive timer counts down from the 7200 s default ($(grep -o 'keepalive,[0-9]*min' <<<"$ss_plain" | head -1))"
+else fail "ss -o in $plain_pod: no ~120 min keepalive timer"; fi
+
+# The connection followed on the wire: one keepalive connection of the first client.
+c0_ip="$(kubectl get pod -n "$NS" "$c0" -o jsonpath='{.status.podIP}')"
+c0_port="$(grep 'timer:(keepalive' <<<"$ss_out" | awk '{print $3}' | head -1)"; c0_port="${c0_port##*:}"
+plain_port="$(grep -v 'timer:\|^Recv-Q\|^State' <<<"$ss_out" | awk 'NF {print $3}' | head -1)"; plain_port="${plain_port##*:}"
+say "following $c0_ip:$c0_port -> $server_ip:7000 (keepalive) and $c0_ip:$plain_port (plain) on the wire"
+
+# client->server packets of the connection, one per line: "<time> <flags> <length>", and server->client likewise
+wire() { # SRC DST
+  awk -v s="$1" -v d="$2:" '$5 == s && $7 == d {
+      f = ""; for (i = 8; i <= NF; i++) if ($i == "Flags") f = $(i + 1)
+      l = $NF; print $1, f, l }' "$capture"
+}
+# keepalive probes: client->server, ACK only, no payload, after the handshake's ACK
+probes() { wire "$c0_ip.$c0_port" "$server_ip.7000" | awk '$2 == "[.]," && $3 == 0' | awk 'NR > 1 {print $1}'; }
+
+# --- on the wire -----------------------------------------------------------------------------------------------------
+stage="wire"
+# Phase 1 (server answers): wait for the second probe, then drop the server's side of this connection.
+deadline=$((SECONDS + 90))
+until (($(probes | wc -l) >= 2)) || ((SECONDS > deadline)); do sleep 0.5; done
+drop_rule="INPUT -s $c0_ip -p tcp --sport $c0_port --dport 7000 -j DROP"
+nsenter -t "$server_pid" -n iptables -I $drop_rule
+say "dropping what $c0_ip:$c0_port sends to the server (in the server pod's netns): probes go unanswered"
+# Phase 2: 3 unanswered probes 5 s apart, then the reset.
+deadline=$((SECONDS + 60))
+until wire "$c0_ip.$c0_port" "$server_ip.7000" | grep -q '\[R'; do ((SECONDS < deadline)) || break; sleep 0.5; done
+nsenter -t "$server_pid" -n iptables -D $drop_rule && drop_rule=""
+sleep 1
+kill "$tcpdump_pid" 2>/dev/null; wait "$tcpdump_pid" 2>/dev/null || true; tcpdump_pid=""
+
+echo "  capture of $c0_ip:$c0_port <-> $server_ip:7000 (tcpdump -i any -Q in; relative to the handshake):"
+all="$( (wire "$c0_ip.$c0_port" "$server_ip.7000" | sed 's/^/c>s /'; wire "$server_ip.7000" "$c0_ip.$c0_port" | sed 's/^/s>c /') \
+  | awk '{print $2, $1, $3, $4}' | sort -n)"
+t0="$(awk '$2 == "c>s" && $3 == "[.]," && $4 == 0 {print $1; exit}' <<<"$all")"
+awk -v t0="$t0" '{printf "    %+9.3f s  %s  Flags %s length %s\n", $1 - t0, $2, $3, $4}' <<<"$all"
+if python3 - "$t0" <<EOF
+import sys
+t0 = float(sys.argv[1])
+ev = [l.split() for l in """$all""".strip().splitlines()]
+ev = [(float(t), d, f) for t, d, f, n in ev]
+# after the handshake ACK: client probes, each answered or not by the server before the next probe
+after = [e for e in ev if e[0] > t0]
+probes = [e[0] for e in after if e[1] == "c>s" and e[2] == "[.],"]
+answers = [e[0] for e in after if e[1] == "s>c" and e[2] == "[.],"]
+rst = [e for e in after if e[1] == "c>s" and e[2].startswith("[R")]
+ok = True
+def say(m): print("    " + m)
+if len(probes) < 5:
+    say(f"only {len(probes)} probes captured"); sys.exit(1)
+answer_of = {}
+for i, p in enumerate(probes):
+    nxt = probes[i + 1] if i + 1 < len(probes) else float("inf")
+    a = [x for x in answers if p <= x < nxt]
+    if a: answer_of[i] = a[0]
+first = probes[0] - t0
+say(f"first probe {first:.2f} s after the handshake (want 20 ± 1)"); ok &= abs(first - 20) <= 1
+idle = [round(probes[i + 1] - answer_of[i], 2) for i in range(len(probes) - 1) if i in answer_of]
+say(f"{len(idle)} answered probes; next probe after {idle} s of idle (want 20 ± 1)")
+ok &= len(idle) >= 1 and all(abs(g - 20) <= 1 for g in idle)
+unanswered = [p for i, p in enumerate(probes) if i not in answer_of]
+gaps = [round(b - a, 2) for a, b in zip(unanswered, unanswered[1:])]
+say(f"unanswered probes: {len(unanswered)}, then gaps {gaps} s (want 3 probes, 5 ± 1 s apart)")
+ok &= len(unanswered) == 3 and all(abs(g - 5) <= 1 for g in gaps)
+if rst:
+    r = rst[0][0] - unanswered[-1]
+    say(f"reset {r:.2f} s after the last probe (want 5 ± 1: probes=3 exhausted)"); ok &= abs(r - 5) <= 1
+else:
+    say("no reset seen"); ok = False
+sys.exit(0 if ok else 1)
+EOF
+then pass "on the wire: first probe after 20 s idle, answered probes every 20 s, unanswered every 5 s, reset after 3"
+else fail "on the wire: keepalive timing (see the capture above)"; fi
+n_plain_probes="$(wire "$c0_ip.$plain_port" "$server_ip.7000" | awk '$2 == "[.]," && $3 == 0' | awk 'NR > 1' | wc -l)"
+plain_ip="$(kubectl get pod -n "$PLAIN_NS" "$plain_pod" -o jsonpath='{.status.podIP}')"
+n_nopolicy="$(awk -v s="$plain_ip" 'index($5, s ".") == 1 && $7 == "'"$server_ip"'.7000:" && /Flags \[\.\]/ && $NF == 0' "$capture" | wc -l)"
+# The pod without policy: 3 handshake ACKs (one per connection), then nothing for 7200 s.
+((n_plain_probes == 0)) && pass "on the wire: the connection without SO_KEEPALIVE sent no probe" \
+  || fail "on the wire: $n_plain_probes probes on the connection without SO_KEEPALIVE"
+((n_nopolicy <= 3)) && pass "on the wire: the pod without policy sent no probe in $((SECONDS - t_clients)) s (7200 s default)" \
+  || fail "on the wire: the pod without policy sent $((n_nopolicy - 3)) probes"
+
+# --- agent report and policy status ----------------------------------------------------------------------------------
+stage="agent and policy status"
+deadline=$((SECONDS + 60))
+until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' 2>/dev/null | grep -qx 2 &&
+  kubectl get kap e2e-fast -o jsonpath='{.status.conformantPods}' | grep -qx 2 &&
+  kubectl get kap e2e-fast -o jsonpath='{.status.connectionCoverage}' | grep -qx '4/6'; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+kubectl get kap
+kubectl get kanr
+kubectl get kanr -o yaml | sed -n '/^  spec:/,/^  status:/p' | head -60 | sed 's/^/  kanr | /'
+kap="$(kubectl get kap e2e-fast -o jsonpath='{.status.matchedPods} {.status.conformantPods} {.status.liveVerifiedPods} {.status.connectionCoverage}')"
+[[ $kap == "2 2 2 4/6" ]] && pass "kubectl get kap: matched 2, conformant 2, live 2, coverage 4/6 (keepalive/established)" \
+  || fail "kubectl get kap: matched/conformant/live/coverage = '$kap', want '2 2 2 4/6'"
+kanr="$(kubectl get kanr -o json)"
+if python3 - "$kanr" "$NS" <<'EOF'
+import json, sys
+doc = json.loads(sys.argv[1]); ns = sys.argv[2]
+# any pod entry of the namespace with the live values 20/5/3, wherever the report keeps them
+def walk(o):
+    if isinstance(o, dict):
+        yield o
+        for v in o.values(): yield from walk(v)
+    elif isinstance(o, list):
+        for v in o: yield from walk(v)
+found = 0
+for item in doc["items"]:
+    for o in walk(item.get("spec", {})):
+        if o.get("namespace") == ns:
+            vals = json.dumps(o)
+            if all(f'"{k}": {v}' in vals for k, v in (("time", 20), ("interval", 5), ("probes", 3))):
+                found += 1
+sys.exit(0 if found >= 2 else 1)
+EOF
+then pass "KeepaliveNodeReport: the agent reports live time/interval/probes 20/5/3 for both client pods"
+else fail "KeepaliveNodeReport: live 20/5/3 for both client pods not found"; fi
+
+# --- a pod created while the operator is down ---------------------------------------------------------------------------
+stage="operator scaled to 0"
+replicas="$(kubectl get -n "$REL_NS" "$operator_deploy" -o jsonpath='{.spec.replicas}')"
+kubectl scale -n "$REL_NS" "$operator_deploy" --replicas=0 >/dev/null
+kubectl wait -n "$REL_NS" pod -l app.kubernetes.io/component=operator --for=delete --timeout=60s >/dev/null 2>&1 || true
+t=$SECONDS
+if kubectl run late -n "$NS" --image="$WORKLOAD_IMAGE" --image-pull-policy=Never --restart=Never \
+  -- client --peer "$server_ip:7000" --keepalive 1 --plain 0 >/dev/null; then
+  pass "operator at 0 replicas: pod 'late' created anyway in $((SECONDS - t)) s (failurePolicy Ignore)"
+else fail "operator at 0 replicas: pod 'late' not created"; fi
+s="$(spec_sysctls "$NS" late)"
+[[ -z $s ]] && pass "pod 'late' has no injected sysctls" || fail "pod 'late' has sysctls '$s'"
+kubectl scale -n "$REL_NS" "$operator_deploy" --replicas="$replicas" >/dev/null
+kubectl rollout status -n "$REL_NS" "$operator_deploy" --timeout=90s >/dev/null
+deadline=$((SECONDS + 60))
+until kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -qx 'late=NotMutated'; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+kubectl get kap e2e-fast
+kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}  violation: {.namespace}/{.name} {.reason}: {.message}{"\n"}{end}'
+if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -qx 'late=NotMutated'; then
+  pass "operator back: policy status lists pod 'late' as NotMutated"
+else fail "operator back: 'late' not NotMutated in the policy status"; fi
+
+stage="done"
+say "e2e took $((SECONDS - t_start)) s"
