@@ -377,7 +377,7 @@ up() {
   [[ $(id -u) -eq 0 ]] || die "needs root"
   ensure_packages
   say "binaries (hack/tools.sh; a cold build of kubelet, kube-controller-manager and kube-scheduler takes minutes)"
-  "$here/tools.sh" build etcd kube-apiserver kubectl helm kubelet kube-controller-manager kube-scheduler >/dev/null
+  "$here/tools.sh" build node >/dev/null
   BIN="$(bin)"
   local imgdir
   imgdir="$(build_images)"

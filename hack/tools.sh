@@ -2,7 +2,8 @@
 # Builds the binaries the tests and the demo run (etcd, kube-apiserver, kubectl, helm, ...) from their
 # upstream Go modules with this machine's Go toolchain, and caches them outside git.
 #
-#   hack/tools.sh build [NAME...]   build what is missing (default: etcd kube-apiserver kubectl helm)
+#   hack/tools.sh build [NAME...]   build what is missing (default: etcd kube-apiserver kubectl helm; "node": those
+#                                   and kubelet kube-controller-manager kube-scheduler, for hack/node.sh)
 #   hack/tools.sh path              print the directory holding the binaries of the pinned versions
 #   hack/tools.sh regen             rewrite the wrapper modules under hack/go/ from hack/versions.env
 #
@@ -143,6 +144,9 @@ case "$cmd" in
   build)
     need_go
     [[ $# -gt 0 ]] || set -- etcd kube-apiserver kubectl helm
+    # The real node's binaries; built after the apiserver, they reuse most of its compiled packages (measured:
+    # kubelet 113 s, kube-controller-manager 48 s, kube-scheduler 7 s on 2 cores).
+    [[ $* == node ]] && set -- etcd kube-apiserver kubectl helm kubelet kube-controller-manager kube-scheduler
     for b in "$@"; do build_one "$b"; done
     # The newest build is also reachable under a stable name, for humans.
     ln -sfn "$(bindir)" "$cache/bin/current"
