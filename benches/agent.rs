@@ -12,7 +12,7 @@
 use std::{path::Path, time::Instant};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-use keepalive_operator::report::{NodePod, Scanner};
+use keepalive_operator::report::{Counting, NodePod, Scanner};
 use xtask::sandbox::{Layout, Sandbox};
 
 const PODS: usize = 110;
@@ -50,28 +50,30 @@ fn main() {
 
     let proc = Path::new("/proc");
     let node_pid = std::process::id();
-    let mut previous = Vec::new();
-    let mut times = Vec::new();
-    let mut scanner = Scanner::new(proc.to_path_buf(), node_pid);
-    let mut first = None;
-    for _ in 0..21 {
-        let now = Time(Timestamp::now());
-        let t = Instant::now();
-        let (_, reports) = scanner.scan(&pods, &previous, &now);
-        // The first scan enters every namespace; later ones read through the handles it kept.
-        match first {
-            None => first = Some(t.elapsed()),
-            Some(_) => times.push(t.elapsed()),
+    // The first scan enters every namespace and counts every pod; later ones read through the handles it kept.
+    let run = |counting: Counting| {
+        let mut scanner = Scanner::with_counting(proc.to_path_buf(), node_pid, counting, 3);
+        let mut previous = Vec::new();
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            let now = Time(Timestamp::now());
+            let t = Instant::now();
+            let (_, reports) = scanner.scan(&pods, &previous, &now);
+            times.push(t.elapsed());
+            assert_eq!(
+                reports.iter().filter(|r| r.sysctls.is_some()).count(),
+                PODS,
+                "every pod read"
+            );
+            assert!(reports.iter().all(|r| r.established == 8 && r.keepalive == 2));
+            previous = reports;
         }
-        assert_eq!(
-            reports.iter().filter(|r| r.sysctls.is_some()).count(),
-            PODS,
-            "every pod read"
-        );
-        assert!(reports.iter().all(|r| r.established == 8 && r.keepalive == 2));
-        previous = reports;
-    }
-    times.sort();
+        let first = times.remove(0);
+        times.sort();
+        (first, times)
+    };
+    let (first, times) = run(Counting::SockDiag);
+    let (fds_first, fds_times) = run(Counting::SocketFds);
     // Where the time goes: the /proc walk, and one pod read (namespace entry, sysctls, connection dump).
     let wanted = pods.iter().map(|p| p.uid.clone()).collect();
     let t = Instant::now();
@@ -104,9 +106,12 @@ fn main() {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
         .unwrap();
-    xtask::bench::millis("first scan (enters all 110 namespaces)", first.unwrap());
-    xtask::bench::millis("scan, median of 20", times[10]);
+    xtask::bench::millis("first scan (enters and counts all 110 namespaces)", first);
+    xtask::bench::millis("scan, median of 20 (sock_diag, 1/3 of pods)", times[10]);
     xtask::bench::millis("scan, slowest of 20", times[19]);
+    xtask::bench::millis("socket fds: first scan", fds_first);
+    xtask::bench::millis("socket fds: scan, median of 20 (every pod)", fds_times[10]);
+    xtask::bench::millis("socket fds: slowest of 20", fds_times[19]);
     xtask::bench::millis("baseline: 330 sysctl reads, host netns", baseline);
     xtask::bench::millis("  of which: /proc walk for the pods' processes", walk);
     xtask::bench::millis("  old way: 110 × enter netns + read sysctls", sysctls_only);

@@ -28,9 +28,12 @@ use crate::policy::{SYSCTL_INTERVAL, SYSCTL_PROBES, SYSCTL_TIME};
 /// - systemd driver: `/kubepods.slice/kubepods-pod<uid_>.slice/...`,
 ///   `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`
 ///   (dashes of the UID written as underscores)
+///
+/// The pod segment is looked for anywhere in the path: under kubelet's `--cgroup-root`, and in paths relative to
+/// the reader's own cgroup namespace (`0::/../../besteffort/pod<uid>/<ctr>`, as an agent in a container of its own
+/// cgroup namespace sees them on cgroup v2).
 pub fn pod_uid_from_cgroup_path(path: &str) -> Option<String> {
-    let mut segments = path.split('/').skip_while(|s| !s.starts_with("kubepods"));
-    segments.find_map(|segment| {
+    path.split('/').find_map(|segment| {
         let raw = if let Some(rest) = segment.strip_suffix(".slice") {
             rest.rsplit_once("-pod").map(|(_, uid)| uid)?
         } else {
@@ -99,8 +102,15 @@ pub fn count_held_connections(proc_root: &Path, pids: &[u32]) -> Result<Connecti
     let mut seen = HashSet::new();
     let mut counts = Connections::default();
     for &pid in pids {
-        let Ok(fds) = fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else {
-            continue; // ended meanwhile
+        let fds = match fs::read_dir(proc_root.join(pid.to_string()).join("fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // ended meanwhile
+            Err(source) => {
+                return Err(ReadError::Read {
+                    what: format!("descriptors of process {pid}"),
+                    source,
+                });
+            }
         };
         let Some(pidfd) = held::pidfd_open(pid)? else {
             continue;
@@ -491,7 +501,20 @@ mod sock_diag {
                     continue;
                 }
                 match kind as i32 {
-                    libc::NLMSG_DONE => return Ok(counts),
+                    libc::NLMSG_ERROR | libc::NLMSG_DONE if len < 20 => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "short netlink error message",
+                        ));
+                    }
+                    libc::NLMSG_DONE => {
+                        // A dump that failed part way ends with a negative errno.
+                        let errno = i32::from_ne_bytes(data[16..20].try_into().unwrap());
+                        if errno < 0 {
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        return Ok(counts);
+                    }
                     libc::NLMSG_ERROR => {
                         let errno = i32::from_ne_bytes(data[16..20].try_into().unwrap());
                         return Err(io::Error::from_raw_os_error(-errno));
@@ -559,5 +582,22 @@ mod tests {
             None
         );
         assert_eq!(pod_uid_from_cgroup_path("/kubepods/burstable/podnot-a-uid/c"), None);
+        // Seen from inside a cgroup namespace (the agent's container on cgroup v2), and under a cgroup root.
+        assert_eq!(
+            pod_uid_from_proc_cgroup(&format!("0::/../../besteffort/pod{UID}/c1\n")).as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!(
+                "/../kubepods-burstable-pod{}.slice/cri-containerd-x.scope",
+                UID.replace('-', "_")
+            ))
+            .as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/custom-root/kubepods/pod{UID}/c")).as_deref(),
+            Some(UID)
+        );
     }
 }

@@ -63,3 +63,18 @@ pub struct ClusterArgs {
     #[arg(long, env = "KEEPALIVE_KUBELET_ALLOWS_KEEPALIVE_SYSCTLS")]
     pub kubelet_allows_keepalive_sysctls: bool,
 }
+
+/// A listen address that can be turned off: an empty value means "do not listen".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalListen(pub Option<std::net::SocketAddr>);
+
+/// Parses `host:port`, or an empty string for none.
+pub fn optional_listen(value: &str) -> Result<OptionalListen, String> {
+    if value.trim().is_empty() {
+        return Ok(OptionalListen(None));
+    }
+    value
+        .parse()
+        .map(|addr| OptionalListen(Some(addr)))
+        .map_err(|e| format!("{e}: expected host:port, or empty to disable"))
+}

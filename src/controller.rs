@@ -22,8 +22,8 @@ pub struct Args {
     #[arg(long, env = "KEEPALIVE_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
     /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
-    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: Option<SocketAddr>,
+    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = crate::cli::optional_listen)]
+    pub admin_listen: crate::cli::OptionalListen,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -78,7 +78,7 @@ pub async fn run(args: Args) -> Result<()> {
     let listener = server::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, version = %version.git_version, "webhook serving");
     let https = server::serve_tls(listener, server::tls_config(certs), router.clone(), shutdown_signal());
-    match args.admin_listen {
+    match args.admin_listen.0 {
         Some(addr) => {
             let admin = server::bind(addr).await?;
             tokio::join!(https, server::serve_plain(admin, router, shutdown_signal()));

@@ -47,12 +47,20 @@ pub struct AgentArgs {
     /// 1 is the host's init).
     #[arg(long, env = "KEEPALIVE_NODE_NETNS_PID", default_value_t = 1)]
     pub node_netns_pid: u32,
-    /// The report is rewritten at least this often, as a heartbeat, even when nothing changed.
-    /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
-    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
-    pub admin_listen: Option<std::net::SocketAddr>,
+    /// The report is rewritten at least this often, as a heartbeat, even when nothing changed; changed connection
+    /// counts alone wait for it. At least the scan interval.
     #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 60)]
     pub heartbeat_seconds: u64,
+    /// How connections are counted: sock-diag (read-only, like `ss`) or socket-fds (faster; see the README).
+    #[arg(long, env = "KEEPALIVE_COUNT_CONNECTIONS", value_enum, default_value_t = Counting::SockDiag)]
+    pub count_connections: Counting,
+    /// With sock-diag, each pod's connections are recounted at least every this many scans (the dumps of a scan
+    /// are spread so): 3 with 10 s scans keeps counts at most 30 s old.
+    #[arg(long, env = "KEEPALIVE_COUNT_EVERY_SCANS", value_parser = clap::value_parser!(u32).range(1..=100), default_value_t = 3)]
+    pub count_every_scans: u32,
+    /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
+    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = crate::cli::optional_listen)]
+    pub admin_listen: crate::cli::OptionalListen,
 }
 
 /// A pod of this node, as the scan needs it.
@@ -81,34 +89,58 @@ impl NodePod {
     }
 }
 
+/// How the agent counts a pod's established connections and those with keepalive armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Counting {
+    /// A sock_diag dump of the pod's network namespace, as `ss` does: read-only. Each dump walks the kernel's
+    /// connection table, which all namespaces share, so dumps are spread over scans (`--count-every-scans`).
+    SockDiag,
+    /// The pod processes' own socket descriptors, borrowed with pidfd_getfd(2): no table walk, every pod every
+    /// scan. Receiving a socket re-tags it with the agent's cgroup v1 net_cls classid and net_prio index: do not
+    /// use on nodes that shape or prioritise pod traffic with those controllers.
+    SocketFds,
+}
+
 /// The agent's scan state: an open [`agent::NetnsHandle`] on each pod's network namespace, kept across scans, so
-/// a pod's namespace is entered once in its life (and again only if its namespace is replaced).
+/// a pod's namespace is entered once in its life (and again only if its namespace is replaced), and the last
+/// connection counts of each pod.
 ///
-/// Each scan: one walk of /proc finds the processes of every pod; a pod's sysctls are read through its handle;
-/// its connections are counted from its processes' socket descriptors ([`agent::count_held_connections`]),
-/// or, on kernels without pidfd_getfd, by a sock_diag dump of its namespace.
+/// Each scan: one walk of /proc finds the processes of every pod; every pod's sysctls are read through its
+/// handle; connections are counted for new pods and, with sock_diag, for the 1/`count_every` of the others
+/// counted longest ago (all pods with socket fds).
 pub struct Scanner {
     proc_root: PathBuf,
     node_pid: u32,
     /// Per pod UID: the process the handle was opened through, and the handle.
     pods: HashMap<String, (u32, agent::NetnsHandle)>,
     node: Option<agent::NetnsHandle>,
-    /// The kernel lacks pidfd_getfd: count with sock_diag dumps.
-    dump_connections: bool,
+    counting: Counting,
+    count_every: u32,
+    scans: u64,
+    /// Per pod UID: the last counts, and the scan that counted them.
+    counts: HashMap<String, (agent::Connections, u64)>,
 }
 
 impl Scanner {
+    /// A scanner that counts connections with sock_diag dumps, each pod at least every third scan.
     pub fn new(proc_root: PathBuf, node_pid: u32) -> Self {
-        let dump_connections = !agent::pidfd_getfd_supported();
-        if dump_connections {
-            tracing::warn!("this kernel has no pidfd_getfd (before 5.6): counting connections with sock_diag dumps");
+        Self::with_counting(proc_root, node_pid, Counting::SockDiag, 3)
+    }
+
+    pub fn with_counting(proc_root: PathBuf, node_pid: u32, mut counting: Counting, count_every: u32) -> Self {
+        if counting == Counting::SocketFds && !agent::pidfd_getfd_supported() {
+            tracing::warn!("this kernel has no pidfd_getfd (before 5.6): counting connections with sock_diag");
+            counting = Counting::SockDiag;
         }
         Scanner {
             proc_root,
             node_pid,
             pods: HashMap::new(),
             node: None,
-            dump_connections,
+            counting,
+            count_every: count_every.max(1),
+            scans: 0,
+            counts: HashMap::new(),
         }
     }
 
@@ -130,9 +162,12 @@ impl Scanner {
             interval: v.interval,
             probes: v.probes,
         };
+        self.scans += 1;
         let node = self.node_values().map(live);
         let scanned: Vec<&NodePod> = pods.iter().filter(|p| p.running && !p.host_network).collect();
         let (processes, errors) = self.refresh_handles(&scanned);
+        self.counts.retain(|uid, _| self.pods.contains_key(uid));
+        let to_count = self.due_for_counting(&scanned);
         let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
         let read_one = |pod: &NodePod| {
             let mut report = PodLiveReport {
@@ -145,29 +180,35 @@ impl Scanner {
                 read_at: now.clone(),
                 error: None,
             };
-            let reading = match (self.pods.get(&pod.uid), errors.get(&pod.uid)) {
-                (Some((_, handle)), _) => handle
-                    .sysctls()
-                    .and_then(|s| {
-                        let connections = match processes.get(&pod.uid) {
-                            Some(pids) if !self.dump_connections => {
-                                agent::count_held_connections(&self.proc_root, pids)?
+            let mut counted = None;
+            match (self.pods.get(&pod.uid), errors.get(&pod.uid)) {
+                (Some((_, handle)), _) => match handle.sysctls() {
+                    Ok(sysctls) => {
+                        report.sysctls = Some(live(sysctls));
+                        let connections = if to_count.contains(pod.uid.as_str()) {
+                            match self.count(handle, processes.get(&pod.uid)) {
+                                Ok(c) => {
+                                    counted = Some(c);
+                                    Some(c)
+                                }
+                                // The values were read: the pod stays verified, the counts are said to be missing.
+                                Err(e) => {
+                                    report.error = Some(format!("connections not counted: {e}"));
+                                    None
+                                }
                             }
-                            _ => handle.connections()?,
+                        } else {
+                            self.counts.get(&pod.uid).map(|(c, _)| *c)
                         };
-                        Ok((s, connections))
-                    })
-                    .map_err(|e| e.to_string()),
-                (None, Some(error)) => Err(error.clone()),
-                (None, None) => Err("no process of the pod found on the host".to_string()),
-            };
-            match reading {
-                Ok((sysctls, connections)) => {
-                    report.sysctls = Some(live(sysctls));
-                    report.established = connections.established as i32;
-                    report.keepalive = connections.keepalive as i32;
-                }
-                Err(e) => report.error = Some(e),
+                        if let Some(c) = connections {
+                            report.established = c.established as i32;
+                            report.keepalive = c.keepalive as i32;
+                        }
+                    }
+                    Err(e) => report.error = Some(e.to_string()),
+                },
+                (None, Some(error)) => report.error = Some(error.clone()),
+                (None, None) => report.error = Some("no process of the pod found on the host".to_string()),
             }
             if let Some(old) = previous.get(pod.uid.as_str()) {
                 let unchanged = PodLiveReport {
@@ -178,12 +219,55 @@ impl Scanner {
                     report.read_at = old.read_at.clone();
                 }
             }
-            report
+            (report, counted)
         };
         // The readings wait on the kernel, not on each other: spread them over the cores.
-        let mut reports: Vec<PodLiveReport> = parallel(&scanned, |p| read_one(p));
+        let results = parallel(&scanned, |p| read_one(p));
+        let scan = self.scans;
+        let mut reports = Vec::with_capacity(results.len());
+        for (report, counted) in results {
+            if let Some(c) = counted {
+                self.counts.insert(report.uid.clone(), (c, scan));
+            }
+            reports.push(report);
+        }
         reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         (node, reports)
+    }
+
+    /// The pods whose connections this scan counts: never counted yet, or the longest ago (a share of
+    /// 1/`count_every` of them with sock_diag; all of them with socket fds).
+    fn due_for_counting<'a>(&self, pods: &[&'a NodePod]) -> std::collections::HashSet<&'a str> {
+        let readable: Vec<&NodePod> = pods
+            .iter()
+            .copied()
+            .filter(|p| self.pods.contains_key(&p.uid))
+            .collect();
+        if self.counting == Counting::SocketFds {
+            return readable.iter().map(|p| p.uid.as_str()).collect();
+        }
+        let (new, mut counted): (Vec<&NodePod>, Vec<&NodePod>) =
+            readable.into_iter().partition(|p| !self.counts.contains_key(&p.uid));
+        counted.sort_by_key(|p| self.counts[&p.uid].1);
+        let share = counted.len().div_ceil(self.count_every as usize);
+        new.iter()
+            .chain(counted.iter().take(share))
+            .map(|p| p.uid.as_str())
+            .collect()
+    }
+
+    fn count(
+        &self,
+        handle: &agent::NetnsHandle,
+        pids: Option<&Vec<u32>>,
+    ) -> Result<agent::Connections, agent::ReadError> {
+        match (self.counting, pids) {
+            // Denied for one process (an LSM, a Yama policy): the namespace dump still counts it.
+            (Counting::SocketFds, Some(pids)) => {
+                agent::count_held_connections(&self.proc_root, pids).or_else(|_| handle.connections())
+            }
+            _ => handle.connections(),
+        }
     }
 
     fn node_values(&mut self) -> Option<agent::LiveSysctls> {
@@ -262,11 +346,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut synced = false;
     let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
-    let mut scanner = Some(Scanner::new(args.proc_root.clone(), args.node_netns_pid));
+    let mut scanner = Some(Scanner::with_counting(
+        args.proc_root.clone(),
+        args.node_netns_pid,
+        args.count_connections,
+        args.count_every_scans,
+    ));
     raise_open_file_limit();
     let metrics = Arc::new(AgentMetrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(addr) = args.admin_listen {
+    if args.heartbeat_seconds < args.scan_interval_seconds {
+        anyhow::bail!(
+            "--heartbeat-seconds ({}) must be at least --scan-interval-seconds ({}): the report is written at most once a scan",
+            args.heartbeat_seconds,
+            args.scan_interval_seconds
+        );
+    }
+    if let Some(addr) = args.admin_listen.0 {
         let listener = crate::server::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "probes and metrics serving");
         let router = admin_router(metrics.clone(), ready.clone());
@@ -322,7 +418,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .await
                 else {
                     // The scan panicked: start over with a fresh scanner.
-                    scanner = Some(Scanner::new(args.proc_root.clone(), args.node_netns_pid));
+                    scanner = Some(Scanner::with_counting(
+                        args.proc_root.clone(),
+                        args.node_netns_pid,
+                        args.count_connections,
+                        args.count_every_scans,
+                    ));
                     continue;
                 };
                 scanner = Some(back);
@@ -338,9 +439,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let heartbeat_due = written
                     .as_ref()
                     .is_none_or(|(_, at)| at.elapsed() >= Duration::from_secs(args.heartbeat_seconds));
-                let changed = written.as_ref().is_none_or(|(old, _)| {
-                    KeepaliveNodeReportSpec { last_scan: spec.last_scan.clone(), ..old.clone() } != spec
-                });
+                // Connection counts move all the time on a busy node: alone, they wait for the heartbeat.
+                let changed = written.as_ref().is_none_or(|(old, _)| without_counts(old) != without_counts(&spec));
                 if !changed && !heartbeat_due {
                     continue;
                 }
@@ -425,4 +525,23 @@ fn admin_router(metrics: Arc<AgentMetrics>, ready: Arc<AtomicBool>) -> axum::Rou
                 }
             }),
         )
+}
+
+/// A report without what changes on every scan (the scan time, the connection counts and their readAt), to tell a
+/// change worth a write.
+fn without_counts(spec: &KeepaliveNodeReportSpec) -> KeepaliveNodeReportSpec {
+    KeepaliveNodeReportSpec {
+        last_scan: Time(Timestamp::UNIX_EPOCH),
+        pods: spec
+            .pods
+            .iter()
+            .map(|p| PodLiveReport {
+                established: 0,
+                keepalive: 0,
+                read_at: Time(Timestamp::UNIX_EPOCH),
+                ..p.clone()
+            })
+            .collect(),
+        ..spec.clone()
+    }
 }

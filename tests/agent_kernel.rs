@@ -139,7 +139,7 @@ fn a_vanished_process_is_reported_not_fatal() {
 #[test]
 fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-    use keepalive_operator::report::{NodePod, Scanner};
+    use keepalive_operator::report::{Counting, NodePod, Scanner};
 
     let mut s = Sandbox::new(
         "scanner",
@@ -165,6 +165,10 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     );
     assert_eq!((first[0].established, first[0].keepalive), (2, 1));
     assert_eq!(scanner.open_handles(), 1);
+    // Counting from the pod's socket descriptors gives the same numbers.
+    let mut fds = Scanner::with_counting("/proc".into(), std::process::id(), Counting::SocketFds, 1);
+    let (_, by_fds) = fds.scan(&pods, &[], &now);
+    assert_eq!((by_fds[0].established, by_fds[0].keepalive), (2, 1));
 
     s.set_sysctl("tcp_keepalive_time", 45);
     let later = Time(Timestamp::now());
