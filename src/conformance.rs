@@ -26,6 +26,11 @@ use crate::{
     policy::{self, ClusterFacts, PodFacts, PolicyEntry, PolicySet, Verdict},
 };
 
+/// The reason of a pod that conforms by its spec but has no live reading yet: not counted conformant, but not a
+/// violation either — the `Conformant` condition does not turn False for pods that merely wait for the agent's
+/// next scan (every rollout would flap it).
+pub const AWAITING: &str = "AwaitingLiveReading";
+
 /// A node report not refreshed for this many heartbeats is stale: its agent is gone or cannot write.
 pub const STALE_AFTER_HEARTBEATS: i32 = 3;
 
@@ -53,7 +58,9 @@ impl NodeLive {
     pub fn from_report(spec: &KeepaliveNodeReportSpec) -> Self {
         NodeLive {
             last_scan: spec.last_scan.0,
-            stale_after: SignedDuration::from_secs(i64::from(spec.heartbeat_seconds.max(1) * STALE_AFTER_HEARTBEATS)),
+            stale_after: SignedDuration::from_secs(
+                i64::from(spec.heartbeat_seconds.max(1)) * i64::from(STALE_AFTER_HEARTBEATS),
+            ),
             node_sysctls: spec.node_sysctls,
             pods: spec
                 .pods
@@ -358,13 +365,18 @@ impl Conformance {
                 };
             }
             (None, Verdict::Conformant) => {
-                let why = match reading.and_then(|r| r.error.as_deref()) {
-                    Some(error) => format!("the agent on node {node_name} could not read the pod: {error}"),
-                    None => format!("no live reading of the pod yet from the agent on node {node_name}"),
-                };
-                judgement.verdict = Verdict::Violation {
-                    reason: "Unverified",
-                    message: why,
+                judgement.verdict = match reading.and_then(|r| r.error.as_deref()) {
+                    Some(error) => Verdict::Violation {
+                        reason: "Unverified",
+                        message: format!("the agent on node {node_name} could not read the pod: {error}"),
+                    },
+                    None => Verdict::Violation {
+                        reason: AWAITING,
+                        message: format!(
+                            "not read yet by the agent on node {node_name} (the pod is new, or its sandbox is not \
+                             running yet)"
+                        ),
+                    },
                 };
             }
             // A pod that does not conform by its spec keeps that (more telling) reason.
@@ -660,16 +672,22 @@ pub fn status(
             "the policy is accepted and the operator's caches are synced".to_string(),
         )
     };
-    let all = summary.matched == summary.conformant;
+    let awaiting = summary.by_reason.get(AWAITING).copied().unwrap_or(0);
+    let all = summary.matched == summary.conformant + awaiting;
     let conformant_message = if summary.matched == 0 {
         "no pods match this policy".to_string()
+    } else if all && awaiting > 0 {
+        format!(
+            "no matched pod violates the policy; {awaiting} of {} await their first live reading",
+            summary.matched
+        )
     } else if all {
         format!("all {} matched pods conform", summary.matched)
     } else {
         let reasons: Vec<String> = summary.by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect();
         format!(
             "{} of {} matched pods do not conform: {}",
-            summary.matched - summary.conformant,
+            summary.matched - summary.conformant - awaiting,
             summary.matched,
             reasons.join(", ")
         )

@@ -133,9 +133,10 @@ impl Reconciler {
                         }
                     }
                     Some(Err(e)) => {
-                        // Without the node report CRD (no agents installed), pods are judged by their spec alone.
-                        if !self.reports_synced && is_not_found(&e) {
-                            tracing::warn!("the KeepaliveNodeReport CRD is not installed: judging pods by spec only");
+                        // Without the node report CRD (no agents installed) or the right to read it, pods are judged
+                        // by their spec alone rather than not at all.
+                        if !self.reports_synced && is_absent_or_forbidden(&e) {
+                            tracing::warn!(error = %e, "cannot read KeepaliveNodeReports: judging pods by spec only");
                             self.reports_synced = true;
                         } else {
                             tracing::warn!(error = %e, "node report watch failed; retrying");
@@ -276,6 +277,13 @@ impl Reconciler {
         for (reason, n) in &summary.by_reason {
             set(reason, *n);
         }
+        // A reason that is gone reads 0, not its last count (alerts on it must clear).
+        let previous = self.last_status.get(policy).map(|s| &s.violation_counts);
+        for reason in previous.into_iter().flat_map(|p| p.keys()) {
+            if !summary.by_reason.contains_key(reason) {
+                set(reason, 0);
+            }
+        }
     }
 
     /// One Event per condition whose status changed.
@@ -311,12 +319,12 @@ impl Reconciler {
     }
 }
 
-fn is_not_found(e: &watcher::Error) -> bool {
+fn is_absent_or_forbidden(e: &watcher::Error) -> bool {
     matches!(
         e,
         watcher::Error::InitialListFailed(kube::Error::Api(s))
             | watcher::Error::WatchFailed(kube::Error::Api(s))
             | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-            if s.code == 404
+            if s.code == 404 || s.code == 403
     )
 }

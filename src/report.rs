@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -70,21 +70,24 @@ pub struct NodePod {
     pub namespace: String,
     pub name: String,
     pub host_network: bool,
+    /// Not terminated (phase neither Succeeded nor Failed).
     pub running: bool,
+    /// Phase Running: its sandbox is up, so a missing process is an error worth reporting. A Pending pod without
+    /// a process yet is left out of the report until it starts.
+    pub started: bool,
 }
 
 impl NodePod {
     fn from_pod(pod: &Pod) -> Option<NodePod> {
         let spec = pod.spec.as_ref();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         Some(NodePod {
             uid: pod.metadata.uid.clone()?,
             namespace: pod.metadata.namespace.clone()?,
             name: pod.metadata.name.clone()?,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            running: !matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            ),
+            running: !matches!(phase, Some("Succeeded" | "Failed")),
+            started: phase == Some("Running"),
         })
     }
 }
@@ -208,6 +211,7 @@ impl Scanner {
                     Err(e) => report.error = Some(e.to_string()),
                 },
                 (None, Some(error)) => report.error = Some(error.clone()),
+                (None, None) if !pod.started => return None,
                 (None, None) => report.error = Some("no process of the pod found on the host".to_string()),
             }
             if let Some(old) = previous.get(pod.uid.as_str()) {
@@ -219,13 +223,13 @@ impl Scanner {
                     report.read_at = old.read_at.clone();
                 }
             }
-            (report, counted)
+            Some((report, counted))
         };
         // The readings wait on the kernel, not on each other: spread them over the cores.
         let results = parallel(&scanned, |p| read_one(p));
         let scan = self.scans;
         let mut reports = Vec::with_capacity(results.len());
-        for (report, counted) in results {
+        for (report, counted) in results.into_iter().flatten() {
             if let Some(c) = counted {
                 self.counts.insert(report.uid.clone(), (c, scan));
             }
@@ -355,6 +359,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     raise_open_file_limit();
     let metrics = Arc::new(AgentMetrics::default());
     let ready = Arc::new(AtomicBool::new(false));
+    // Seconds (since the agent started) at the end of the last completed scan; 0 before the first.
+    let started_at = std::time::Instant::now();
+    let last_scan = Arc::new(AtomicU64::new(0));
     if args.heartbeat_seconds < args.scan_interval_seconds {
         anyhow::bail!(
             "--heartbeat-seconds ({}) must be at least --scan-interval-seconds ({}): the report is written at most once a scan",
@@ -365,7 +372,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.admin_listen.0 {
         let listener = crate::server::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "probes and metrics serving");
-        let router = admin_router(metrics.clone(), ready.clone());
+        let health = Health {
+            ready: ready.clone(),
+            last_scan: last_scan.clone(),
+            started_at,
+            // A scan loop stuck (say, on a hung kernel read) for this long fails the liveness probe.
+            stuck_after: 3 * args.scan_interval_seconds + 30,
+        };
+        let router = admin_router(metrics.clone(), health);
         tokio::spawn(crate::server::serve_plain(
             listener,
             router,
@@ -428,6 +442,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 };
                 scanner = Some(back);
                 metrics.scan_duration.observe(started.elapsed().as_secs_f64());
+                last_scan.store(started_at.elapsed().as_secs().max(1), Ordering::Relaxed);
                 let spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
@@ -492,11 +507,37 @@ fn raise_open_file_limit() {
     }
 }
 
-/// /livez (the process answers), /readyz (its first report is written: it can see pods and write), /metrics.
-fn admin_router(metrics: Arc<AgentMetrics>, ready: Arc<AtomicBool>) -> axum::Router {
+/// What the agent's probes look at.
+#[derive(Clone)]
+struct Health {
+    ready: Arc<AtomicBool>,
+    last_scan: Arc<AtomicU64>,
+    started_at: std::time::Instant,
+    stuck_after: u64,
+}
+
+/// /livez (scans keep completing), /readyz (its first report is written: it can see pods and write), /metrics.
+fn admin_router(metrics: Arc<AgentMetrics>, health: Health) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
+    let ready = health.ready.clone();
     axum::Router::new()
-        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/livez",
+            get(move || {
+                let last = health.last_scan.load(Ordering::Relaxed);
+                let since = health.started_at.elapsed().as_secs().saturating_sub(last);
+                async move {
+                    if last == 0 || since <= health.stuck_after {
+                        (StatusCode::OK, "ok".to_string())
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("no scan completed for {since} s"),
+                        )
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -36,6 +36,10 @@ async fn the_node_report_shows_live_values_and_connections() {
                 .unwrap(),
         );
     }
+    // kubelet would have started them: phase Running (a Pending pod without a process yet is not reported).
+    for name in ["tuned", "default", "no-process"] {
+        mark_running(&pods, name).await;
+    }
     // A pod of another node is not this agent's business.
     let other: Pod = serde_json::from_value(
         json!({"metadata": {"name": "elsewhere"}, "spec": {"nodeName": "other-node", "containers": [{"name": "c", "image": "x"}]}}),
@@ -184,6 +188,9 @@ async fn policy_status_joins_the_live_readings() {
     })
     .await;
     let differs = create_pod(&client, "live-differs", "app", bound.clone()).await.unwrap();
+    for ns in ["live-agrees", "live-differs"] {
+        mark_running(&Api::namespaced(client.clone(), ns), "app").await;
+    }
     assert_eq!(sysctls(&differs), keepalive(20, 5, 3), "both pods are mutated");
 
     // Before any agent runs on the node, the spec is all there is: both conform.
@@ -257,6 +264,17 @@ async fn policy_status_joins_the_live_readings() {
     assert!(v.message.contains("no process"), "{}", v.message);
     drop(agent);
     drop(bad);
+}
+
+/// Sets the pod's phase to Running through the status subresource, as kubelet does once its sandbox is up.
+async fn mark_running(pods: &Api<Pod>, name: &str) {
+    pods.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"status": {"phase": "Running"}})),
+    )
+    .await
+    .unwrap();
 }
 
 /// `keepalive-operator agent` for `node` as a real process, scanning every second. Killed on drop.

@@ -154,6 +154,7 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
         name: "p".into(),
         host_network: false,
         running: true,
+        started: true,
     }];
     let mut scanner = Scanner::new("/proc".into(), std::process::id());
     let now = Time(Timestamp::now());

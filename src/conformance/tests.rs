@@ -191,6 +191,19 @@ fn status_conditions_and_transition_times() {
     assert_eq!(s2.conditions[1].last_transition_time, t1);
     assert_eq!(s2.live_verified_pods, Some(2));
     assert_eq!(s2.connection_coverage.as_deref(), Some("4/10"));
+    // Pods that only await their first live reading do not turn the condition False.
+    let waiting = Summary {
+        conformant: 2,
+        by_reason: [(AWAITING.to_string(), 1)].into(),
+        ..fixed.clone()
+    };
+    let s3 = status(&waiting, Some(4), ClusterFacts::default(), Some(&s2), &t1);
+    assert_eq!(s3.conditions[1].status, "True");
+    assert!(
+        s3.conditions[1].message.contains("1 of 3 await"),
+        "{}",
+        s3.conditions[1].message
+    );
     let old = status(&fixed, Some(4), ClusterFacts::from_version("1", "28", false), None, &t1);
     assert_eq!(old.conditions[0].reason, "ClusterTooOld");
 }
@@ -275,9 +288,10 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     assert_eq!(
         s.by_reason,
         [
+            (AWAITING.to_string(), 1),
             ("LiveMismatch".to_string(), 1),
             ("NotMutated".to_string(), 1),
-            ("Unverified".to_string(), 2)
+            ("Unverified".to_string(), 1)
         ]
         .into()
     );
@@ -291,7 +305,7 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     let message = |name: &str| s.violations.iter().find(|v| v.name == name).unwrap().message.clone();
     assert!(message("drifted").contains("net.ipv4.tcp_keepalive_time=7200 (policy: 60)"));
     assert!(message("failed").contains("no process"), "{}", message("failed"));
-    assert!(message("unread").contains("no live reading"), "{}", message("unread"));
+    assert!(message("unread").contains("not read yet"), "{}", message("unread"));
     assert_consistent(&mut c);
 
     // The node's values differ: the hostNetwork pod is flagged with them.
@@ -317,12 +331,12 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     assert_eq!((s.conformant, s.live_verified, s.connections), (5, 0, None));
     assert_consistent(&mut c);
 
-    // A report for n2 appears: its pod, not read yet, is unverified; a deleted report forgets the node.
+    // A report for n2 appears: its pod, not read yet, awaits its reading; a deleted report forgets the node.
     c.set_node_report("n2", node_live(now.as_second() + 195, 60, vec![]), now);
     c.expire_node_reports(Timestamp::from_second(now.as_second() + 200).unwrap());
-    assert_eq!(c.summary("all").unwrap().by_reason.get("Unverified"), Some(&1));
+    assert_eq!(c.summary("all").unwrap().by_reason.get(AWAITING), Some(&1));
     c.remove_node_report("n2");
-    assert_eq!(c.summary("all").unwrap().by_reason.get("Unverified"), None);
+    assert_eq!(c.summary("all").unwrap().by_reason.get(AWAITING), None);
     c.remove_pod(&(Arc::from("a"), Arc::from("elsewhere")));
     assert!(!c.by_node.contains_key("n2"), "the node index forgets empty nodes");
     assert_consistent(&mut c);
