@@ -41,6 +41,7 @@ fn main() {
             name: format!("pod-{i}"),
             host_network: false,
             running: true,
+            started: true,
         })
         .collect();
     println!(
