@@ -228,11 +228,18 @@ make_pki() {
 }
 
 # --- processes ---------------------------------------------------------------------------------------------------
+# alive PID: running (a killed process can stay a zombie until init reaps it)
+alive() {
+  local st
+  st="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [[ -n $st && $st != Z && $st != X ]]
+}
+
 # start NAME CMD...: in its own session, logs in $logs/NAME.log, pid in $run/pids/NAME
 start() {
   local name="$1"; shift
   local pidf="$run/pids/$name"
-  if [[ -f $pidf ]] && kill -0 "$(cat "$pidf")" 2>/dev/null; then return; fi
+  if [[ -f $pidf ]] && alive "$(cat "$pidf")"; then return; fi
   setsid "$@" >>"$logs/$name.log" 2>&1 </dev/null &
   echo $! >"$pidf"
   say "started $name (pid $!)"
@@ -243,10 +250,10 @@ stop() {
   local pidf="$run/pids/$1" pid i
   [[ -f $pidf ]] || return 0
   pid="$(cat "$pidf")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
+    for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; fi
     say "stopped $1 (pid $pid)"
   fi
   rm -f "$pidf"
@@ -279,6 +286,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # The kubelet asks for negative OOM score adjustments (-998 for sandboxes); without CAP_SYS_RESOURCE (as in a
   # container) runc cannot set them: clamp to containerd's own value instead.
   restrict_oom_score_adj = true
+  # Pod network namespaces under our runtime dir (not /run/netns), where "down" finds every one of them.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -535,7 +544,8 @@ restore_sysctls() {
 down() {
   local t0=$SECONDS
   BIN="$(bin)"
-  if [[ -f $run/pids/kubelet && -f $run/pids/kube-apiserver ]] && kill -0 "$(cat "$run/pids/kubelet")" 2>/dev/null; then
+  if [[ -f $run/pids/kubelet && -f $run/pids/kube-apiserver ]] && alive "$(cat "$run/pids/kubelet")" &&
+    alive "$(cat "$run/pids/kube-apiserver")"; then
     # Let the kubelet tear the pods down through CNI (their veths, IPs and iptables rules go with them):
     # stop the controllers that would recreate them, then delete every pod.
     say "deleting all pods through the kubelet"
@@ -571,7 +581,7 @@ down() {
 status() {
   local n pid
   for n in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet; do
-    if [[ -f $run/pids/$n ]] && kill -0 "$(cat "$run/pids/$n")" 2>/dev/null; then
+    if [[ -f $run/pids/$n ]] && alive "$(cat "$run/pids/$n")"; then
       printf '%-24s running (pid %s)\n' "$n" "$(cat "$run/pids/$n")"
     else
       printf '%-24s stopped\n' "$n"
