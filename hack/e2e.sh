@@ -3,6 +3,10 @@
 #
 #   hack/e2e.sh [--keep]
 #
+# Environment: KEEPALIVE_E2E_HELM_ARGS (extra helm flags, e.g. "--set agent.countConnections=socket-fds"),
+# KEEPALIVE_IMAGE_PROFILE (hack/image.sh: release, or dev to build quicker), KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1
+# (see below).
+#
 # 1. hack/node.sh up (etcd, apiserver, controller-manager, scheduler, kubelet, containerd; see there);
 # 2. the operator image (hack/image.sh; KEEPALIVE_IMAGE_PROFILE=dev for a quicker build) imported into containerd,
 #    `helm install` of charts/keepalive-operator; the operator and agent pods become Ready;
@@ -98,7 +102,7 @@ kubectl create namespace "$REL_NS" --dry-run=client -o yaml | kubectl apply -f -
 kubectl label namespace "$REL_NS" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
 helm upgrade --install keepalive "$root/charts/keepalive-operator" -n "$REL_NS" \
   --set image.repository=localhost/keepalive-operator --set image.tag="$version" --set image.pullPolicy=Never \
-  --set operator.logFormat=text --set agent.logFormat=text \
+  --set operator.logFormat=text --set agent.logFormat=text ${KEEPALIVE_E2E_HELM_ARGS:-} \
   --wait --timeout 180s >/dev/null
 kubectl get pods -n "$REL_NS" -o wide
 if kubectl rollout status -n "$REL_NS" deployment/keepalive-keepalive-operator --timeout=60s >/dev/null 2>&1 ||
