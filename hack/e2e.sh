@@ -112,10 +112,10 @@ else fail "helm install: operator Deployment Ready"; fi
 operator_deploy="$(kubectl get deploy -n "$REL_NS" -l app.kubernetes.io/component=operator -o name)"
 check "helm install: agent DaemonSet Ready" kubectl rollout status -n "$REL_NS" daemonset -l app.kubernetes.io/component=agent --timeout=60s
 
-# The agent lists /proc/<pid>/fd of each pod's processes to count their connections; with only SYS_PTRACE and
-# SYS_ADMIN it cannot for pods that run as another uid (the directory is 0500, owner the pod's uid) and reports
-# 0 connections. KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1 adds DAC_READ_SEARCH to the installed DaemonSet, to show
-# the rest works; without it, the coverage check tests the chart as shipped.
+# With agent.countConnections=socket-fds the agent lists /proc/<pid>/fd of each pod's processes; with only
+# SYS_PTRACE and SYS_ADMIN it cannot for pods that run as another uid (the directory is 0500, owned by the pod's
+# uid) and falls back to a sock_diag dump. KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1 adds DAC_READ_SEARCH to the
+# installed DaemonSet so that the descriptors path itself is exercised.
 ds="$(kubectl get ds -n "$REL_NS" -l app.kubernetes.io/component=agent -o name)"
 if [[ ${KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH:-0} == 1 ]] &&
   ! kubectl get -n "$REL_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep -q DAC_READ_SEARCH; then

@@ -11,6 +11,7 @@
 #   hack/node.sh images   build the pause and workload images (OCI archives; cached); prints their directory
 #   hack/node.sh import ARCHIVE NAME   import an OCI archive into the node's containerd under NAME
 #   hack/node.sh leftovers             what `down` should have removed (empty output: clean)
+#   hack/node.sh purge                 down, and remove the state dir too (certificates, logs, configs)
 #
 # Nothing comes from a registry: binaries are built from the Go modules (hack/tools.sh), the pause image from
 # the k8s module's build/pause/linux/pause.c (static, gcc), the workload image from hack/workload; images are
@@ -612,10 +613,11 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   leftovers) leftovers ;;
+  purge) down; rm -rf "$state"; say "removed $state" ;;
   images) ensure_packages; build_images ;;
   import) # import ARCHIVE NAME: an OCI archive into the node's containerd, under NAME
     [[ $# -eq 3 ]] || die "usage: hack/node.sh import ARCHIVE NAME"
     import_image "$2" "$3" ;;
   env) echo "export KUBECONFIG=$state/admin.kubeconfig PATH=$(bin):\$PATH" ;;
-  *) die "usage: hack/node.sh up|down|status|env|images|leftovers" ;;
+  *) die "usage: hack/node.sh up|down|status|env|images|import ARCHIVE NAME|leftovers|purge" ;;
 esac
