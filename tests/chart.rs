@@ -789,6 +789,15 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     )
     .await
     .unwrap();
+    // As kubelet would once the pod started (the agent reports running pods; this one has no process here).
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "keepalive-chart-apps")
+        .patch_status(
+            "on-node",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
     let ds = get("daemonset", &agent, Some(NS)).unwrap();
     let agent_admin = cluster::free_port().unwrap();
     let agent_args: Vec<String> = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"])
