@@ -2,6 +2,8 @@
 //!
 //!   cargo xtask demo      local control plane, the chart, the operator and agent, example policies, `kubectl get kap`
 //!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls)
+//!   cargo xtask e2e       the end-to-end proof on a real single-node cluster (hack/e2e.sh; also the last step of
+//!                         `test` when run as root)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
 
@@ -16,11 +18,12 @@ fn main() -> ExitCode {
         Some("demo") => demo(args.iter().any(|a| a == "--hold")),
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
+        Some("e2e") => e2e(),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
-            eprintln!("usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | cluster | tools [NAME...]");
+            eprintln!("usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | cluster | tools [NAME...]");
             return ExitCode::from(2);
         }
     };
@@ -109,11 +112,43 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    // The end-to-end proof on a real node (hack/e2e.sh): one more test, run when the tests passed and as root.
+    let e2e = if !status.success() {
+        None
+    // SAFETY: geteuid(2) only reads this process's credentials.
+    } else if unsafe { libc::geteuid() } != 0 {
+        eprintln!("e2e: skipped (needs root: it runs a kubelet, containerd and CNI on this machine)");
+        ignored += 1;
+        None
+    } else {
+        let ok = e2e().is_ok();
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+        Some(ok)
+    };
     println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
+    if e2e == Some(false) {
+        bail!("the end-to-end test on a real node failed (hack/e2e.sh)");
+    }
     Ok(())
+}
+
+/// `hack/e2e.sh`: a real single-node cluster (kubelet, containerd, CNI), the chart, and keepalive probes on the
+/// wire. The image is built with the dev profile unless KEEPALIVE_IMAGE_PROFILE says otherwise (quicker; the
+/// tests' image check builds the same one).
+fn e2e() -> Result<()> {
+    step("End to end on a real node: hack/e2e.sh (node binaries and images are built and cached first)");
+    let mut cmd = Command::new(tools::repo_root().join("hack/e2e.sh"));
+    if std::env::var_os("KEEPALIVE_IMAGE_PROFILE").is_none() {
+        cmd.env("KEEPALIVE_IMAGE_PROFILE", "dev");
+    }
+    run(&mut cmd)
 }
 
 fn start_control_plane(with_crds: bool) -> Result<ControlPlane> {
