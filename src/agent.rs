@@ -371,12 +371,6 @@ pub fn read_sysctls(proc_root: &Path, pid: u32) -> Result<LiveSysctls, ReadError
     NetnsHandle::open(proc_root, pid)?.sysctls()
 }
 
-/// Sysctls and connections of the network namespace of `pid`, with one entry into the namespace.
-pub fn read_pod(proc_root: &Path, pid: u32) -> Result<(LiveSysctls, Connections), ReadError> {
-    let handle = NetnsHandle::open(proc_root, pid)?;
-    Ok((handle.sysctls()?, handle.connections()?))
-}
-
 /// Established TCP connections of the network namespace of `pid`, counted through a sock_diag netlink dump
 /// inside the namespace (reading /proc/<pid>/net/tcp would format the kernel's whole established-connection
 /// table for every namespace, milliseconds each).

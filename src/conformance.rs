@@ -90,7 +90,7 @@ pub type PodKey = (Arc<str>, Arc<str>);
 /// ReplicaSet have identical labels) are interned: each distinct value is held once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeanPod {
-    /// The pod UID as a number (a UUID): see [`LeanPod::uid_string`].
+    /// The pod UID as a number (a UUID: 16 bytes instead of a 36-character string), to join node reports.
     pub uid: u128,
     pub namespace: Arc<str>,
     pub name: Arc<str>,
@@ -116,19 +116,6 @@ impl LeanPod {
             windows: self.windows,
             sysctls: &self.sysctls,
         }
-    }
-
-    /// The UID in its usual form (8-4-4-4-12 hex digits).
-    pub fn uid_string(&self) -> String {
-        let h = format!("{:032x}", self.uid);
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
     }
 
     fn terminated(&self) -> bool {
@@ -484,7 +471,11 @@ impl Conformance {
     /// A node report was written: the pods of that node are judged again.
     pub fn set_node_report(&mut self, node: &str, live: NodeLive, now: Timestamp) {
         let fresh = live.fresh(now);
-        if self.nodes.get(node) == Some(&(live.clone(), fresh)) {
+        if self
+            .nodes
+            .get(node)
+            .is_some_and(|(old, was)| *old == live && *was == fresh)
+        {
             return;
         }
         let node: Arc<str> = self.interner.str(node);
@@ -498,15 +489,20 @@ impl Conformance {
         }
     }
 
-    /// Replaces all node reports (a watch relist).
+    /// Replaces all node reports (a watch relist): the pods of every node that had or has a report are judged
+    /// again, once.
     pub fn replace_node_reports(&mut self, reports: impl IntoIterator<Item = (String, NodeLive)>, now: Timestamp) {
-        let old: Vec<Arc<str>> = self.nodes.keys().cloned().collect();
-        self.nodes.clear();
-        for name in old {
+        let mut touched: HashSet<Arc<str>> = self.nodes.keys().cloned().collect();
+        self.nodes = reports
+            .into_iter()
+            .map(|(name, live)| {
+                let fresh = live.fresh(now);
+                (self.interner.str(&name), (live, fresh))
+            })
+            .collect();
+        touched.extend(self.nodes.keys().cloned());
+        for name in touched {
             self.recompute_node(&name);
-        }
-        for (name, live) in reports {
-            self.set_node_report(&name, live, now);
         }
     }
 

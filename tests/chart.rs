@@ -354,20 +354,16 @@ fn assert_never_forbidden(process: &HostProcess) {
 
 /// The container args of the chart's operator Deployment, with the listen addresses moved to loopback ports.
 fn operator_args(port: u16, admin_port: u16) -> Vec<String> {
-    let deployment = get("deployment", FULLNAME, Some(NS)).unwrap();
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    strings(&container["args"])
-        .into_iter()
-        .map(|a| {
-            if a.starts_with("--listen=") {
-                format!("--listen=127.0.0.1:{port}")
-            } else if a.starts_with("--admin-listen=") {
-                format!("--admin-listen=127.0.0.1:{admin_port}")
-            } else {
-                a.to_string()
-            }
-        })
-        .collect()
+    cp().container_args(
+        "deployment",
+        NS,
+        FULLNAME,
+        &[
+            ("--listen", format!("127.0.0.1:{port}")),
+            ("--admin-listen", format!("127.0.0.1:{admin_port}")),
+        ],
+    )
+    .unwrap()
 }
 
 fn can_i(sa: &str, args: &[&str]) -> bool {
@@ -798,19 +794,21 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         )
         .await
         .unwrap();
-    let ds = get("daemonset", &agent, Some(NS)).unwrap();
     let agent_admin = cluster::free_port().unwrap();
-    let agent_args: Vec<String> = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"])
-        .into_iter()
-        .map(|a| match a {
-            // This host's /proc is the host's.
-            "--proc-root=/host/proc" => "--proc-root=/proc".to_string(),
-            a if a.starts_with("--scan-interval-seconds=") => "--scan-interval-seconds=1".to_string(),
-            a if a.starts_with("--admin-listen=") => format!("--admin-listen=127.0.0.1:{agent_admin}"),
-            a => a.to_string(),
-        })
-        .chain(["--node-name=chart-node".to_string()])
-        .collect();
+    let agent_args = cp
+        .container_args(
+            "daemonset",
+            NS,
+            &agent,
+            &[
+                // This host's /proc is the host's.
+                ("--proc-root", "/proc".to_string()),
+                ("--scan-interval-seconds", "1".to_string()),
+                ("--admin-listen", format!("127.0.0.1:{agent_admin}")),
+                ("--node-name", "chart-node".to_string()),
+            ],
+        )
+        .unwrap();
     let agent_process = HostProcess::spawn(cp, "chart-agent", &agent_args, &agent_kubeconfig);
     let reports: kube::Api<keepalive_operator::api::KeepaliveNodeReport> = kube::Api::all(client.clone());
     eventually(Duration::from_secs(30), "the agent's node report", || async {

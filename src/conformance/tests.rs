@@ -308,6 +308,12 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     assert!(message("unread").contains("not read yet"), "{}", message("unread"));
     assert_consistent(&mut c);
 
+    // A relist with the same report judges the same.
+    let before = c.summary("all");
+    let same: Vec<(String, NodeLive)> = c.nodes.iter().map(|(n, (l, _))| (n.to_string(), l.clone())).collect();
+    c.replace_node_reports(same, now);
+    assert_eq!(c.summary("all"), before);
+
     // The node's values differ: the hostNetwork pod is flagged with them.
     c.set_node_report(
         "n1",

@@ -147,6 +147,36 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// The container args of an installed workload (`deployment`, `daemonset`), with `overrides` (flag, value)
+    /// replacing the workload's value of a flag or appended when it does not set it: to run what the chart runs,
+    /// as a process on this host.
+    pub fn container_args(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        overrides: &[(&str, String)],
+    ) -> Result<Vec<String>> {
+        let args = self.kubectl_output(&[
+            "get",
+            kind,
+            name,
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].args}",
+        ])?;
+        let mut args: Vec<String> = serde_json::from_str(&args)?;
+        for (flag, value) in overrides {
+            let arg = format!("{flag}={value}");
+            match args.iter_mut().find(|a| a.starts_with(&format!("{flag}="))) {
+                Some(a) => *a = arg,
+                None => args.push(arg),
+            }
+        }
+        Ok(args)
+    }
+
     /// Runs kubectl and returns its stdout; fails with its stderr when it exits non-zero.
     pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
         let out = self.kubectl().args(args).output()?;

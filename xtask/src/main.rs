@@ -178,29 +178,6 @@ const NAMESPACE: &str = "keepalive-system";
 const FULLNAME: &str = "keepalive-keepalive-operator";
 const DEMO_NODE: &str = "demo-node";
 
-/// The container args of one of the installed chart's workloads, with `overrides` (flag, value) replacing the
-/// chart's value of a flag or appended when the chart does not set it (the demo runs them on this host).
-fn chart_args(cp: &ControlPlane, kind: &str, name: &str, overrides: &[(&str, String)]) -> Result<Vec<String>> {
-    let args = cp.kubectl_output(&[
-        "get",
-        kind,
-        name,
-        "-n",
-        NAMESPACE,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ])?;
-    let mut args: Vec<String> = serde_json::from_str(&args)?;
-    for (flag, value) in overrides {
-        let arg = format!("{flag}={value}");
-        match args.iter_mut().find(|a| a.starts_with(&format!("{flag}="))) {
-            Some(a) => *a = arg,
-            None => args.push(arg),
-        }
-    }
-    Ok(args)
-}
-
 fn demo(hold: bool) -> Result<()> {
     ensure_debian_packages()?;
     step("Building the operator (cargo build)");
@@ -237,9 +214,9 @@ fn demo(hold: bool) -> Result<()> {
 
     step("Running the operator on this host as the chart's ServiceAccount, with the Deployment's args");
     let kubeconfig = cp.service_account_kubeconfig(NAMESPACE, FULLNAME)?;
-    let args = chart_args(
-        &cp,
+    let args = cp.container_args(
         "deployment",
+        NAMESPACE,
         FULLNAME,
         &[
             ("--listen", format!("127.0.0.1:{port}")),
@@ -437,9 +414,9 @@ fn live_node(cp: &ControlPlane, binary: &std::path::Path) -> Result<LiveNode> {
     }
     let kubeconfig = cp.service_account_kubeconfig(NAMESPACE, &format!("{FULLNAME}-agent"))?;
     let admin = cluster::free_port()?;
-    let args = chart_args(
-        cp,
+    let args = cp.container_args(
         "daemonset",
+        NAMESPACE,
         &format!("{FULLNAME}-agent"),
         &[
             ("--admin-listen", format!("127.0.0.1:{admin}")),
