@@ -118,7 +118,7 @@ check "helm install: agent DaemonSet Ready" kubectl rollout status -n "$REL_NS" 
 # installed DaemonSet so that the descriptors path itself is exercised.
 ds="$(kubectl get ds -n "$REL_NS" -l app.kubernetes.io/component=agent -o name)"
 if [[ ${KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH:-0} == 1 ]] &&
-  ! kubectl get -n "$REL_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep -q DAC_READ_SEARCH; then
+  ! kubectl get -n "$REL_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep DAC_READ_SEARCH >/dev/null; then
   say "WORKAROUND: adding DAC_READ_SEARCH to the agent's capabilities"
   kubectl patch -n "$REL_NS" "$ds" --type=json \
     -p '[{"op":"add","path":"/spec/template/spec/containers/0/securityContext/capabilities/add/-","value":"DAC_READ_SEARCH"}]' >/dev/null
@@ -239,13 +239,13 @@ else fail "ss -o in $c0: $n_ka keepalive timers (max '${max_timer}'), $n_plain w
 ss_plain="$(in_pod "$PLAIN_NS" "$plain_pod" ss -tno state established "( dport = :7000 )")"
 echo "$ss_plain" | sed 's/^/  ss (no policy) | /'
 if grep -q 'timer:(keepalive,1[12][0-9]min' <<<"$ss_plain"; then
-  pass "ss -o in $plain_pod: keepalive timer counts down from the 7200 s default ($(grep -o 'keepalive,[0-9]*min' <<<"$ss_plain" | head -1))"
+  pass "ss -o in $plain_pod: keepalive timer counts down from the 7200 s default ($(grep -o 'keepalive,[0-9]*min' <<<"$ss_plain" | sed -n 1p))"
 else fail "ss -o in $plain_pod: no ~120 min keepalive timer"; fi
 
 # The connection followed on the wire: one keepalive connection of the first client.
 c0_ip="$(kubectl get pod -n "$NS" "$c0" -o jsonpath='{.status.podIP}')"
-c0_port="$(grep 'timer:(keepalive' <<<"$ss_out" | awk '{print $3}' | head -1)"; c0_port="${c0_port##*:}"
-plain_port="$(grep -v 'timer:\|^Recv-Q\|^State' <<<"$ss_out" | awk 'NF {print $3}' | head -1)"; plain_port="${plain_port##*:}"
+c0_port="$(grep 'timer:(keepalive' <<<"$ss_out" | awk '{print $3}' | sed -n 1p)"; c0_port="${c0_port##*:}"
+plain_port="$(grep -v 'timer:\|^Recv-Q\|^State' <<<"$ss_out" | awk 'NF {print $3}' | sed -n 1p)"; plain_port="${plain_port##*:}"
 say "following $c0_ip:$c0_port -> $server_ip:7000 (keepalive) and $c0_ip:$plain_port (plain) on the wire"
 
 # client->server packets of the connection, one per line: "<time> <flags> <length>", and server->client likewise
@@ -267,7 +267,7 @@ nsenter -t "$server_pid" -n iptables -I $drop_rule
 say "dropping what $c0_ip:$c0_port sends to the server (in the server pod's netns): probes go unanswered"
 # Phase 2: 3 unanswered probes 5 s apart, then the reset.
 deadline=$((SECONDS + 60))
-until wire "$c0_ip.$c0_port" "$server_ip.7000" | grep -q '\[R'; do ((SECONDS < deadline)) || break; sleep 0.5; done
+until wire "$c0_ip.$c0_port" "$server_ip.7000" | grep '\[R' >/dev/null; do ((SECONDS < deadline)) || break; sleep 0.5; done
 nsenter -t "$server_pid" -n iptables -D $drop_rule && drop_rule=""
 sleep 1
 kill "$tcpdump_pid" 2>/dev/null; wait "$tcpdump_pid" 2>/dev/null || true; tcpdump_pid=""
@@ -342,15 +342,15 @@ n_nopolicy="$(awk -v s="$plain_ip" 'index($5, s ".") == 1 && $7 == "'"$server_ip
 # --- agent report and policy status ----------------------------------------------------------------------------------
 stage="agent and policy status"
 deadline=$((SECONDS + 60))
-until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' 2>/dev/null | grep -qx 2 &&
-  kubectl get kap e2e-fast -o jsonpath='{.status.conformantPods}' | grep -qx 2 &&
-  kubectl get kap e2e-fast -o jsonpath='{.status.connectionCoverage}' | grep -qx '4/6'; do
+until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' 2>/dev/null | grep -x 2 >/dev/null &&
+  kubectl get kap e2e-fast -o jsonpath='{.status.conformantPods}' | grep -x 2 >/dev/null &&
+  kubectl get kap e2e-fast -o jsonpath='{.status.connectionCoverage}' | grep -x '4/6' >/dev/null; do
   ((SECONDS < deadline)) || break
   sleep 2
 done
 kubectl get kap
 kubectl get kanr
-kubectl get kanr -o yaml | sed -n '/^  spec:/,/^  status:/p' | head -60 | sed 's/^/  kanr | /'
+kubectl get kanr -o yaml | sed -n '/^  spec:/,/^  status:/p' | sed -n 1,60p | sed 's/^/  kanr | /'
 kap="$(kubectl get kap e2e-fast -o jsonpath='{.status.matchedPods} {.status.conformantPods} {.status.liveVerifiedPods} {.status.connectionCoverage}')"
 [[ $kap == "2 2 2 4/6" ]] && pass "kubectl get kap: matched 2, conformant 2, live 2, coverage 4/6 (keepalive/established)" \
   || fail "kubectl get kap: matched/conformant/live/coverage = '$kap', want '2 2 2 4/6'"
@@ -392,13 +392,13 @@ s="$(spec_sysctls "$NS" late)"
 kubectl scale -n "$REL_NS" "$operator_deploy" --replicas="$replicas" >/dev/null
 kubectl rollout status -n "$REL_NS" "$operator_deploy" --timeout=90s >/dev/null
 deadline=$((SECONDS + 60))
-until kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -qx 'late=NotMutated'; do
+until kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; do
   ((SECONDS < deadline)) || break
   sleep 2
 done
 kubectl get kap e2e-fast
 kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}  violation: {.namespace}/{.name} {.reason}: {.message}{"\n"}{end}'
-if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -qx 'late=NotMutated'; then
+if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; then
   pass "operator back: policy status lists pod 'late' as NotMutated"
 else fail "operator back: 'late' not NotMutated in the policy status"; fi
 

@@ -72,7 +72,7 @@ ensure_buildah() {
 
 # --- 1. the static binary ----------------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
-if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+if ! rustup target list --installed 2>/dev/null | grep -x "$target" >/dev/null; then
   [[ $(rustc -vV | sed -n 's/^host: //p') == "$target" ]] || die "the Rust target $target is not installed"
 fi
 # Variables cargo sets for what it runs (e.g. when a test calls this script) would make build scripts that watch
@@ -95,7 +95,7 @@ if command -v file >/dev/null; then
   kind="$(file -b "$bin")"
   [[ $kind == *"statically linked"* || $kind == *"static-pie linked"* ]] || die "not a static binary: $kind"
 elif command -v ldd >/dev/null; then
-  ldd "$bin" >/dev/null 2>&1 && die "not a static binary: $(ldd "$bin" 2>&1 | head -n3)"
+  ldd "$bin" >/dev/null 2>&1 && die "not a static binary: $(ldd "$bin" 2>&1 | sed -n 1,3p)"
 fi
 # An empty environment, as in the image.
 reported="$(env -i "$bin" --version)" || die "$bin --version failed"

@@ -156,7 +156,7 @@ import_image() {
   rm -rf "$tmp"
   ctr_ images import --all-platforms "$tmp.tar" >/dev/null || { rm -f "$tmp.tar"; die "importing $archive failed"; }
   rm -f "$tmp.tar"
-  ctr_ images ls -q | grep -qx "$name" || die "image $name not found after importing $archive"
+  ctr_ images ls -q | grep -x "$name" >/dev/null || die "image $name not found after importing $archive"
 }
 
 # --- PKI (openssl, ECDSA P-256) -----------------------------------------------------------------------------------
@@ -524,7 +524,7 @@ remove_iptables() {
       grep -qx "table $fam $name" "$state/host-nft-tables" && continue
       [[ $fam == ip || $fam == ip6 ]] || continue
       [[ $name == nat || $name == filter || $name == mangle ]] || continue
-      if ! nft list table "$fam" "$name" 2>/dev/null | grep -qvE '^\s*(table|chain|type|policy|\}|$)|^\s*type '; then
+      if ! nft list table "$fam" "$name" 2>/dev/null | grep -vE '^\s*(table|chain|type|policy|\}|$)|^\s*type ' >/dev/null; then
         nft delete table "$fam" "$name" 2>/dev/null || true
       fi
     done < <(nft list tables 2>/dev/null)
