@@ -12,7 +12,7 @@
 use std::{path::Path, time::Instant};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-use keepalive_operator::report::{Counting, NodePod, Scanner};
+use keepalive_operator::agent::{Counting, NodePod, Scanner};
 use xtask::sandbox::{Layout, Sandbox};
 
 const PODS: usize = 110;
@@ -78,21 +78,21 @@ fn main() {
     // Where the time goes: the /proc walk, and one pod read (namespace entry, sysctls, connection dump).
     let wanted = pods.iter().map(|p| p.uid.clone()).collect();
     let t = Instant::now();
-    let processes = keepalive_operator::agent::find_pod_processes(proc, &wanted);
+    let processes = keepalive_operator::agent::kernel::find_pod_processes(proc, &wanted);
     let walk = t.elapsed();
     let t = Instant::now();
     for pids in processes.values() {
-        keepalive_operator::agent::read_sysctls(proc, pids[0]).unwrap();
+        keepalive_operator::agent::kernel::read_sysctls(proc, pids[0]).unwrap();
     }
     let sysctls_only = t.elapsed();
     let t = Instant::now();
     for pids in processes.values() {
-        keepalive_operator::agent::read_connections(proc, pids[0]).unwrap();
+        keepalive_operator::agent::kernel::read_connections(proc, pids[0]).unwrap();
     }
     let connections_only = t.elapsed();
     let t = Instant::now();
     for pids in processes.values() {
-        keepalive_operator::agent::count_held_connections(proc, pids).unwrap();
+        keepalive_operator::agent::kernel::count_held_connections(proc, pids).unwrap();
     }
     let held_only = t.elapsed();
     let baseline = {

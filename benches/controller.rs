@@ -1,5 +1,5 @@
 //! The conformance controller's cache and evaluation at scale, in-process, through the same code path as the
-//! pod watch (`LeanPod::from_pod` → `Conformance`): 100 000 synthetic pods across 1 000 namespaces and 50
+//! pod watch (`CachedPod::from_pod` → `Conformance`): 100 000 synthetic pods across 1 000 namespaces and 50
 //! policies. Baseline in the same run: a kube-rs reflector store holding the same pods as full objects.
 //! Targets: RSS ≤ 150 MiB and ≤ 1/5 of the reflector's; a full recompute ≤ 300 ms; one pod change recomputes
 //! only its policy.
@@ -17,7 +17,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Pod;
 use keepalive_operator::{
-    conformance::{Conformance, LeanPod},
+    controller::conformance::{CachedPod, Conformance},
     policy::{ClusterFacts, PolicyEntry, PolicySet},
 };
 use kube::runtime::{reflector, watcher};
@@ -134,7 +134,7 @@ fn main() {
     c.set_policies(Arc::new(policies()));
     // Same path as the watch's initial list: each Pod is made lean at ingest, then the whole list replaces the
     // cache.
-    let lean: Vec<LeanPod> = (0..PODS).filter_map(|i| c.lean(synthetic_pod(i))).collect();
+    let lean: Vec<CachedPod> = (0..PODS).filter_map(|i| c.cached(synthetic_pod(i))).collect();
     c.replace_pods(lean);
     let ingest = generated.elapsed();
     let lean_kib = rss_kib() - base;
@@ -151,7 +151,7 @@ fn main() {
     c.take_dirty();
 
     // One pod changes: only its policy is recomputed.
-    let changed = c.lean(synthetic_pod(121)).unwrap();
+    let changed = c.cached(synthetic_pod(121)).unwrap();
     let mut times = Vec::new();
     for k in 0..1000u32 {
         let mut p = changed.clone();

@@ -6,25 +6,55 @@
 //! Run: cargo bench --bench webhook   (KEEPALIVE_BENCH_SECONDS, KEEPALIVE_BENCH_CONNECTIONS to change the load)
 
 use std::{
-    collections::BTreeMap,
-    sync::Arc,
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use axum::{Router, body::Bytes};
+use axum::{Router, body::Bytes, routing::post};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use keepalive_operator::{
-    cache::Caches,
-    certs,
-    metrics::Metrics,
     policy::{ClusterFacts, PolicyEntry, PolicySet},
-    server,
-    webhook::{self, Webhook},
+    runtime::{
+        certs,
+        metrics::{Registry, encode_text},
+        server,
+    },
+    webhook::{self, Lookup, Webhook},
 };
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
 use tokio_rustls::{TlsConnector, rustls};
+
+/// The webhook's lookup with fixed contents, held as the controller's caches hold them (behind a lock).
+struct Fixed {
+    policies: Arc<PolicySet>,
+    namespaces: RwLock<HashMap<String, BTreeMap<String, String>>>,
+}
+
+impl Lookup for Fixed {
+    fn ready(&self) -> bool {
+        true
+    }
+    fn policies(&self) -> Arc<PolicySet> {
+        self.policies.clone()
+    }
+    fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces.read().unwrap().get(name).cloned()
+    }
+}
+
+/// The null responder: the same stack, no work.
+fn null_router() -> Router {
+    Router::new().route(
+        "/mutate",
+        post(|_body: Bytes| async {
+            axum::Json(json!({ "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                "response": { "uid": "", "allowed": true } }))
+        }),
+    )
+}
 
 fn policies(n: usize) -> PolicySet {
     PolicySet::new((0..n).map(|i| {
@@ -179,20 +209,20 @@ fn main() {
         store.set_pem(pki.cert.as_bytes(), pki.key.as_bytes()).unwrap();
         let config = server::tls_config(store);
         let namespaces = [("shop".to_string(), BTreeMap::from([("team".to_string(), "shop".to_string())]))];
-        let metrics = Arc::new(Metrics::default());
-        let hook = Arc::new(Webhook {
-            caches: Arc::new(Caches::fixed(policies(100), namespaces)),
-            cluster: ClusterFacts::default(),
-            metrics: metrics.clone(),
-        });
+        let mut registry = Registry::with_prefix("keepalive");
+        let lookup = Fixed {
+            policies: Arc::new(policies(100)),
+            namespaces: RwLock::new(namespaces.into_iter().collect()),
+        };
+        let hook = Arc::new(Webhook::new(Arc::new(lookup), ClusterFacts::default(), &mut registry));
         let webhook_port = start(webhook::router(hook), config.clone()).await;
-        let null_port = start(webhook::null_router(), config).await;
+        let null_port = start(null_router(), config).await;
         let body = review_body();
 
         // The real handler answers with a patch: check once before measuring.
         let check = load(webhook_port, &pki.ca, body.clone(), 1, Duration::from_millis(50)).await;
         assert!(check.requests > 0);
-        assert!(metrics.encode().contains("outcome=\"mutated\""), "the benchmark request must be mutated");
+        assert!(encode_text(&registry).contains("outcome=\"mutated\""), "the benchmark request must be mutated");
 
         let mut rows = Vec::new();
         for (name, port) in [("null responder", null_port), ("webhook", webhook_port), ("null responder", null_port), ("webhook", webhook_port)] {

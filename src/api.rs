@@ -18,6 +18,14 @@ use serde::{Deserialize, Serialize};
 
 /// API group of every resource of this operator.
 pub const GROUP: &str = "keepalive.dev";
+/// The keepalive sysctls, as pods name them in `spec.securityContext.sysctls`.
+pub const SYSCTL_TIME: &str = "net.ipv4.tcp_keepalive_time";
+pub const SYSCTL_INTERVAL: &str = "net.ipv4.tcp_keepalive_intvl";
+pub const SYSCTL_PROBES: &str = "net.ipv4.tcp_keepalive_probes";
+/// Field manager of the operator's server-side applies (policy status, certificates, caBundle).
+pub const OPERATOR_MANAGER: &str = "keepalive-operator";
+/// Field manager of the node agents' report writes.
+pub const AGENT_MANAGER: &str = "keepalive-agent";
 
 /// Kernel bound of `net.ipv4.tcp_keepalive_time` and `tcp_keepalive_intvl` (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
 pub const MAX_KEEPALIVE_SECONDS: i32 = 32767;

@@ -1,8 +1,14 @@
-//! Command-line interface: one binary, one subcommand per role.
+//! Command-line interface: one binary, one subcommand per role; [`run`] dispatches to the role.
 
-use std::path::PathBuf;
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+
+use crate::{agent, api, apply, controller, policy::ClusterFacts, runtime::telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,9 +31,9 @@ pub enum Command {
     /// Apply policies to manifests offline: print the resources with the mutation the webhook would make.
     Apply(ApplyArgs),
     /// Run the admission webhook (and, with it, the conformance controller).
-    Controller(Box<crate::controller::Args>),
+    Controller(Box<controller::Args>),
     /// Run the node agent: read the live keepalive values of this node's pods into its KeepaliveNodeReport.
-    Agent(crate::report::AgentArgs),
+    Agent(agent::AgentArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -52,29 +58,63 @@ pub struct ApplyArgs {
     #[arg(long, value_name = "MAJOR.MINOR")]
     pub kubernetes_version: Option<String>,
     #[command(flatten)]
-    pub cluster: ClusterArgs,
+    pub cluster: controller::ClusterArgs,
 }
 
-/// What the operator may assume about the cluster's kubelets.
-#[derive(Debug, Clone, Args)]
-pub struct ClusterArgs {
-    /// The kubelets allow the keepalive sysctls even though the cluster is older than 1.29 (they run with
-    /// --allowed-unsafe-sysctls listing them). Without it, nothing is injected on such clusters.
-    #[arg(long, env = "KEEPALIVE_KUBELET_ALLOWS_KEEPALIVE_SYSCTLS")]
-    pub kubelet_allows_keepalive_sysctls: bool,
-}
-
-/// A listen address that can be turned off: an empty value means "do not listen".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OptionalListen(pub Option<std::net::SocketAddr>);
-
-/// Parses `host:port`, or an empty string for none.
-pub fn optional_listen(value: &str) -> Result<OptionalListen, String> {
-    if value.trim().is_empty() {
-        return Ok(OptionalListen(None));
+/// Runs the subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Crd { kind } => {
+            let yaml = match kind {
+                CrdKind::Policies => api::crd_yaml(),
+                CrdKind::NodeReports => api::node_report_crd_yaml(),
+            };
+            std::io::stdout().write_all(yaml.as_bytes()).map_err(Into::into)
+        }
+        Command::Apply(args) => run_apply(args),
+        Command::Agent(args) => {
+            telemetry::init();
+            tokio::runtime::Runtime::new()?.block_on(agent::run(args))
+        }
+        Command::Controller(args) => {
+            telemetry::init();
+            tokio::runtime::Runtime::new()?.block_on(controller::run(*args))
+        }
     }
-    value
-        .parse()
-        .map(|addr| OptionalListen(Some(addr)))
-        .map_err(|e| format!("{e}: expected host:port, or empty to disable"))
+}
+
+fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<apply::Input>> {
+    let mut stdin_used = false;
+    paths
+        .iter()
+        .map(|path| {
+            let text = if path == Path::new("-") {
+                anyhow::ensure!(!stdin_used, "standard input (-) can be read only once");
+                stdin_used = true;
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(path).with_context(|| path.display().to_string())?
+            };
+            Ok(apply::Input {
+                name: path.display().to_string(),
+                text,
+            })
+        })
+        .collect()
+}
+
+fn run_apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let cluster = match args.kubernetes_version.as_deref() {
+        None => ClusterFacts::default(),
+        Some(v) => {
+            let (major, minor) = v.trim_start_matches('v').split_once('.').unwrap_or((v, ""));
+            ClusterFacts::from_version(major, minor, args.cluster.kubelet_allows_keepalive_sysctls)
+        }
+    };
+    let out = apply::run(&read_inputs(&args.policies)?, &read_inputs(&args.resources)?, cluster)?;
+    for line in &out.report {
+        eprintln!("{line}");
+    }
+    std::io::stdout().write_all(out.yaml.as_bytes())?;
+    Ok(())
 }

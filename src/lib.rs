@@ -1,24 +1,18 @@
 //! keepalive-operator: keeps idle TCP connections alive through load balancers and NATs by giving pods the
 //! `net.ipv4.tcp_keepalive_*` sysctls their network path needs.
 //!
-//! A pure core — [`api`] (the CRD types), [`policy`] (the one decision, shared by every caller) and
-//! [`validate`] — with thin I/O shells: [`webhook`], [`apply`], [`controller`]. `main.rs` only parses
-//! arguments and dispatches.
+//! A pure core — [`api`] (the CRD types), [`policy`] (the one decision, shared by every caller), [`validate`]
+//! and [`apply`] — and one directory per process role: [`webhook`] and [`controller`] (the operator),
+//! [`agent`] (the node agent), with what they share in [`runtime`]. [`cli`] dispatches; `main.rs` only parses.
+//! Imports point down: `cli → {controller, agent, apply}`, `controller → {webhook, policy, runtime}`,
+//! `agent → {runtime, api}`, everything → `api`.
 
 pub mod agent;
 pub mod api;
 pub mod apply;
-pub mod cache;
-pub mod certs;
 pub mod cli;
-pub mod conformance;
 pub mod controller;
-pub mod leader;
-pub mod metrics;
 pub mod policy;
-pub mod reconcile;
-pub mod report;
-pub mod server;
-pub mod telemetry;
+pub mod runtime;
 pub mod validate;
 pub mod webhook;

@@ -9,28 +9,27 @@ use axum::{
     http::{Request, StatusCode},
 };
 use keepalive_operator::{
-    cache::Caches,
-    metrics::Metrics,
+    controller::{Caches, ControllerMetrics},
     policy::{ClusterFacts, PolicyEntry, PolicySet},
-    webhook::{self, Webhook},
+    runtime::metrics::{Registry, encode_text},
+    webhook::{self, ReviewOutcome, Webhook},
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-/// A webhook whose caches can never sync: its apiserver address has nothing listening.
-fn unsynced_webhook() -> Arc<Webhook> {
+/// A webhook whose caches can never sync: its apiserver address has nothing listening. With the registry its
+/// metrics are in.
+fn unsynced_webhook() -> (Arc<Webhook<Caches>>, Arc<Registry>) {
     let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
-    let metrics = Arc::new(Metrics::default());
-    Arc::new(Webhook {
-        caches: Caches::start(client, metrics.clone()),
-        cluster: ClusterFacts::default(),
-        metrics,
-    })
+    let mut registry = Registry::with_prefix("keepalive");
+    let caches = Caches::start(client, ControllerMetrics::register(&mut registry));
+    let webhook = Webhook::new(caches, ClusterFacts::default(), &mut registry);
+    (Arc::new(webhook), Arc::new(registry))
 }
 
-async fn post(webhook: Arc<Webhook>, body: impl Into<Body>) -> (StatusCode, Value) {
+async fn post(webhook: Arc<Webhook<Caches>>, body: impl Into<Body>) -> (StatusCode, Value) {
     let request = Request::post("/mutate")
         .header("content-type", "application/json")
         .body(body.into())
@@ -60,7 +59,7 @@ fn pod_review(object: Value) -> Value {
 
 #[tokio::test]
 async fn malformed_bodies_get_400_with_a_json_error() {
-    let w = unsynced_webhook();
+    let (w, registry) = unsynced_webhook();
     for body in [
         "".to_string(),
         "{".to_string(),
@@ -73,16 +72,12 @@ async fn malformed_bodies_get_400_with_a_json_error() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}: {error}");
     }
-    assert!(
-        w.metrics
-            .encode()
-            .contains("keepalive_webhook_requests_total{outcome=\"invalid\"} 6")
-    );
+    assert!(encode_text(&registry).contains("keepalive_webhook_requests_total{outcome=\"invalid\"} 6"));
 }
 
 #[tokio::test]
 async fn undecidable_review_is_allowed_unchanged_with_a_warning() {
-    let w = unsynced_webhook();
+    let (w, registry) = unsynced_webhook();
     let (status, review) = post(
         w.clone(),
         pod_review(json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).to_string(),
@@ -97,11 +92,7 @@ async fn undecidable_review_is_allowed_unchanged_with_a_warning() {
         response["warnings"][0].as_str().unwrap().contains("caches not synced"),
         "{response}"
     );
-    assert!(
-        w.metrics
-            .encode()
-            .contains("keepalive_webhook_requests_total{outcome=\"undecided\"} 1")
-    );
+    assert!(encode_text(&registry).contains("keepalive_webhook_requests_total{outcome=\"undecided\"} 1"));
     // /readyz says so too; /livez does not care.
     let ready = webhook::router(w.clone())
         .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
@@ -172,7 +163,7 @@ fn handle(body: &[u8]) {
     let (outcome, response) = webhook::answer(&request, pod, &policies(), &Default::default(), ClusterFacts::default());
     assert!(response.allowed, "the webhook never denies");
     assert_eq!(response.uid, request.uid);
-    if outcome == "mutated" {
+    if outcome == ReviewOutcome::Mutated {
         let patch = response.json_patch().expect("a mutation carries a JSON patch");
         let mut review: Value = serde_json::from_slice(body).unwrap();
         let object = review.pointer_mut("/request/object").unwrap();

@@ -4,7 +4,10 @@
 
 use std::{collections::HashSet, path::Path};
 
-use keepalive_operator::agent::{self, Connections, LiveSysctls, ReadError};
+use keepalive_operator::{
+    agent::kernel::{self, Connections, ReadError},
+    api::LiveKeepalive,
+};
 use xtask::sandbox::{Layout, Sandbox};
 
 #[test]
@@ -32,7 +35,7 @@ fn reads_exactly_the_values_and_connections_of_each_pod() {
 
     let own_netns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let wanted: HashSet<String> = [&a, &b, &c].iter().map(|s| s.uid.clone()).collect();
-    let found = agent::find_pod_processes(Path::new("/proc"), &wanted);
+    let found = kernel::find_pod_processes(Path::new("/proc"), &wanted);
     assert_eq!(found.len(), 3, "{found:?}");
     assert_eq!(
         found[&a.uid],
@@ -44,24 +47,24 @@ fn reads_exactly_the_values_and_connections_of_each_pod() {
 
     let proc = Path::new("/proc");
     assert_eq!(
-        agent::read_sysctls(proc, a.pid()).unwrap(),
-        LiveSysctls {
+        kernel::read_sysctls(proc, a.pid()).unwrap(),
+        LiveKeepalive {
             time: 30,
             interval: 5,
             probes: 3
         }
     );
     assert_eq!(
-        agent::read_sysctls(proc, b.pid()).unwrap(),
-        LiveSysctls {
+        kernel::read_sysctls(proc, b.pid()).unwrap(),
+        LiveKeepalive {
             time: 7200,
             interval: 75,
             probes: 9
         }
     );
     assert_eq!(
-        agent::read_sysctls(proc, c.pid()).unwrap(),
-        LiveSysctls {
+        kernel::read_sysctls(proc, c.pid()).unwrap(),
+        LiveKeepalive {
             time: 600,
             interval: 60,
             probes: 5
@@ -69,29 +72,29 @@ fn reads_exactly_the_values_and_connections_of_each_pod() {
     );
     // Both ends of each connection are in the namespace; only the clients that set SO_KEEPALIVE arm the timer.
     assert_eq!(
-        agent::read_connections(proc, a.pid()).unwrap(),
+        kernel::read_connections(proc, a.pid()).unwrap(),
         Connections {
             established: 10,
             keepalive: 3
         }
     );
     assert_eq!(
-        agent::read_connections(proc, b.pid()).unwrap(),
+        kernel::read_connections(proc, b.pid()).unwrap(),
         Connections {
             established: 2,
             keepalive: 0
         }
     );
     assert_eq!(
-        agent::read_connections(proc, c.pid()).unwrap(),
+        kernel::read_connections(proc, c.pid()).unwrap(),
         Connections {
             established: 0,
             keepalive: 0
         }
     );
     // Counted again from the pods' processes' socket descriptors: the same numbers.
-    assert!(agent::pidfd_getfd_supported(), "this kernel has pidfd_getfd");
-    let held = |s: &Sandbox| agent::count_held_connections(proc, &found[&s.uid]).unwrap();
+    assert!(kernel::pidfd_getfd_supported(), "this kernel has pidfd_getfd");
+    let held = |s: &Sandbox| kernel::count_held_connections(proc, &found[&s.uid]).unwrap();
     assert_eq!(
         held(&a),
         Connections {
@@ -122,14 +125,14 @@ fn a_vanished_process_is_reported_not_fatal() {
     let pid = s.pid();
     s.kill_process();
     assert!(matches!(
-        agent::read_sysctls(Path::new("/proc"), pid),
+        kernel::read_sysctls(Path::new("/proc"), pid),
         Err(ReadError::Vanished { .. })
     ));
     assert!(matches!(
-        agent::read_connections(Path::new("/proc"), pid),
+        kernel::read_connections(Path::new("/proc"), pid),
         Err(ReadError::Vanished { .. })
     ));
-    let found = agent::find_pod_processes(Path::new("/proc"), &[s.uid.clone()].into());
+    let found = kernel::find_pod_processes(Path::new("/proc"), &[s.uid.clone()].into());
     assert!(found.is_empty());
 }
 
@@ -139,7 +142,7 @@ fn a_vanished_process_is_reported_not_fatal() {
 #[test]
 fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
-    use keepalive_operator::report::{Counting, NodePod, Scanner};
+    use keepalive_operator::agent::{Counting, NodePod, Scanner};
 
     let mut s = Sandbox::new(
         "scanner",

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context;
 use axum::Router;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -99,7 +100,5 @@ where
 
 /// Binds a listener, with the address in the error.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))
+    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }

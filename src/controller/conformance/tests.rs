@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use k8s_openapi::{api::core::v1::Sysctl, apimachinery::pkg::apis::meta::v1::Time};
+
 use super::*;
 use crate::policy::PolicyEntry;
 
@@ -19,7 +21,7 @@ fn policies(specs: &[(&str, serde_json::Value)]) -> Arc<PolicySet> {
     })))
 }
 
-fn pod(ns: &str, name: &str, labels: &[(&str, &str)], time: Option<&str>) -> LeanPod {
+fn pod(ns: &str, name: &str, labels: &[(&str, &str)], time: Option<&str>) -> CachedPod {
     let mut sysctls = Vec::new();
     if let Some(t) = time {
         for (n, v) in [
@@ -33,7 +35,7 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], time: Option<&str>) -> Lea
             });
         }
     }
-    LeanPod {
+    CachedPod {
         namespace: ns.into(),
         name: name.into(),
         labels: Arc::new(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
@@ -77,7 +79,7 @@ fn pods_are_counted_per_winning_policy_with_reasons() {
 
     let web = c.summary("web").unwrap();
     assert_eq!((web.matched, web.conformant), (2, 1));
-    assert_eq!(web.by_reason, [("NotMutated".to_string(), 1)].into());
+    assert_eq!(web.by_reason, [(Reason::NotMutated, 1)].into());
     assert_eq!(web.violations[0].name, "web-2");
     assert!(
         web.violations[0].message.contains("recreate"),
@@ -86,9 +88,9 @@ fn pods_are_counted_per_winning_policy_with_reasons() {
     );
     let all = c.summary("all").unwrap();
     assert_eq!((all.matched, all.conformant), (2, 1), "terminated pods are not counted");
-    assert_eq!(all.by_reason, [("HostNetwork".to_string(), 1)].into());
+    assert_eq!(all.by_reason, [(Reason::HostNetwork, 1)].into());
     let fill = c.summary("fill").unwrap();
-    assert_eq!(fill.by_reason, [("PodOverride".to_string(), 1)].into());
+    assert_eq!(fill.by_reason, [(Reason::PodOverride, 1)].into());
     assert_consistent(&mut c);
 }
 
@@ -138,10 +140,7 @@ fn namespace_labels_and_policy_changes_rejudge_pods() {
         .collect();
     changed = PolicySet::new(entries);
     c.set_policies(Arc::new(changed));
-    assert_eq!(
-        c.summary("team").unwrap().by_reason,
-        [("NotMutated".to_string(), 1)].into()
-    );
+    assert_eq!(c.summary("team").unwrap().by_reason, [(Reason::NotMutated, 1)].into());
     c.remove_namespace("a");
     assert_eq!(
         c.summary("team").unwrap().matched,
@@ -159,7 +158,7 @@ fn status_conditions_and_transition_times() {
     let summary = Summary {
         matched: 3,
         conformant: 1,
-        by_reason: [("NotMutated".into(), 2)].into(),
+        by_reason: [(Reason::NotMutated, 2)].into(),
         violations: vec![],
         live_verified: 0,
         connections: None,
@@ -194,7 +193,7 @@ fn status_conditions_and_transition_times() {
     // Pods that only await their first live reading do not turn the condition False.
     let waiting = Summary {
         conformant: 2,
-        by_reason: [(AWAITING.to_string(), 1)].into(),
+        by_reason: [(AWAITING, 1)].into(),
         ..fixed.clone()
     };
     let s3 = status(&waiting, Some(4), ClusterFacts::default(), Some(&s2), &t1);
@@ -208,7 +207,7 @@ fn status_conditions_and_transition_times() {
     assert_eq!(old.conditions[0].reason, "ClusterTooOld");
 }
 
-fn on_node(mut p: LeanPod, node: &str, uid: u128) -> LeanPod {
+fn on_node(mut p: CachedPod, node: &str, uid: u128) -> CachedPod {
     p.node = Some(node.into());
     p.uid = uid;
     p
@@ -288,10 +287,10 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     assert_eq!(
         s.by_reason,
         [
-            (AWAITING.to_string(), 1),
-            ("LiveMismatch".to_string(), 1),
-            ("NotMutated".to_string(), 1),
-            ("Unverified".to_string(), 1)
+            (AWAITING, 1),
+            (Reason::LiveMismatch, 1),
+            (Reason::NotMutated, 1),
+            (Reason::Unverified, 1)
         ]
         .into()
     );
@@ -340,9 +339,9 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     // A report for n2 appears: its pod, not read yet, awaits its reading; a deleted report forgets the node.
     c.set_node_report("n2", node_live(now.as_second() + 195, 60, vec![]), now);
     c.expire_node_reports(Timestamp::from_second(now.as_second() + 200).unwrap());
-    assert_eq!(c.summary("all").unwrap().by_reason.get(AWAITING), Some(&1));
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), Some(&1));
     c.remove_node_report("n2");
-    assert_eq!(c.summary("all").unwrap().by_reason.get(AWAITING), None);
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), None);
     c.remove_pod(&(Arc::from("a"), Arc::from("elsewhere")));
     assert!(!c.by_node.contains_key("n2"), "the node index forgets empty nodes");
     assert_consistent(&mut c);

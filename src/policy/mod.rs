@@ -4,24 +4,26 @@
 //! Everything here is pure: no I/O, no clock, no cluster access. The callers own their caches and pass in the
 //! [`PolicySet`], the namespace's labels, the pod and the [`ClusterFacts`].
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-};
+mod index;
+mod patch;
+mod reason;
+mod selector;
 
-use json_patch::{AddOperation, PatchOperation};
-use jsonptr::PointerBuf;
+use std::{collections::BTreeMap, fmt};
+
 use k8s_openapi::{
     api::core::v1::{PodSpec, Sysctl},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde_json::Value;
 
-use crate::api::{KeepalivePolicy, KeepalivePolicySpec, KeepaliveSettings, LabelSelector, Mode, SelectorOperator};
+pub use self::{
+    index::{PolicyEntry, PolicySet},
+    patch::{Shape, patch_operations},
+    reason::Reason,
+};
+use crate::api::{KeepaliveSettings, LiveKeepalive, Mode};
 
-pub const SYSCTL_TIME: &str = "net.ipv4.tcp_keepalive_time";
-pub const SYSCTL_INTERVAL: &str = "net.ipv4.tcp_keepalive_intvl";
-pub const SYSCTL_PROBES: &str = "net.ipv4.tcp_keepalive_probes";
+pub use crate::api::{SYSCTL_INTERVAL, SYSCTL_PROBES, SYSCTL_TIME};
 /// The three sysctls a policy owns, in the order they are appended to a pod's list.
 pub const KEEPALIVE_SYSCTLS: [&str; 3] = [SYSCTL_TIME, SYSCTL_INTERVAL, SYSCTL_PROBES];
 
@@ -45,187 +47,6 @@ impl KeepaliveSettings {
             SYSCTL_INTERVAL => Some(self.interval),
             SYSCTL_PROBES => Some(self.probes),
             _ => None,
-        }
-    }
-}
-
-impl LabelSelector {
-    /// Kubernetes semantics: every matchLabels pair and every requirement must hold; empty matches everything.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|r| {
-                let value = labels.get(&r.key);
-                match r.operator {
-                    SelectorOperator::In => value.is_some_and(|v| r.values.contains(v)),
-                    SelectorOperator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
-                    SelectorOperator::Exists => value.is_some(),
-                    SelectorOperator::DoesNotExist => value.is_none(),
-                }
-            })
-    }
-}
-
-fn selector_matches(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    selector.is_none_or(|s| s.matches(labels))
-}
-
-/// One policy as the decision sees it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PolicyEntry {
-    pub name: String,
-    pub generation: Option<i64>,
-    pub spec: KeepalivePolicySpec,
-}
-
-impl PolicyEntry {
-    pub fn from_policy(policy: &KeepalivePolicy) -> Self {
-        PolicyEntry {
-            name: policy.metadata.name.clone().unwrap_or_default(),
-            generation: policy.metadata.generation,
-            spec: policy.spec.clone(),
-        }
-    }
-
-    /// Whether this policy's selectors select the pod (regardless of other policies).
-    pub fn selects(&self, namespace_labels: &BTreeMap<String, String>, pod_labels: &BTreeMap<String, String>) -> bool {
-        selector_matches(self.spec.namespace_selector.as_ref(), namespace_labels)
-            && selector_matches(self.spec.pod_selector.as_ref(), pod_labels)
-    }
-}
-
-/// Position of a policy in precedence order.
-type Rank = u32;
-/// label key → label value → ranks of the policies that require that pair.
-type LabelIndex = HashMap<String, HashMap<String, Vec<Rank>>>;
-
-/// All policies, in precedence order (highest priority first, then name), indexed by a label each one requires,
-/// so finding a pod's policy looks at few candidates even among thousands of policies.
-#[derive(Clone, Debug, Default)]
-pub struct PolicySet {
-    entries: Vec<PolicyEntry>,
-    by_pod_label: LabelIndex,
-    by_namespace_label: LabelIndex,
-    /// Policies without a required label pair: always candidates. Sorted.
-    unindexed: Vec<Rank>,
-}
-
-impl PolicySet {
-    pub fn new(policies: impl IntoIterator<Item = PolicyEntry>) -> Self {
-        let mut entries: Vec<PolicyEntry> = policies.into_iter().collect();
-        entries.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then_with(|| a.name.cmp(&b.name)));
-        let mut set = PolicySet {
-            entries,
-            ..Default::default()
-        };
-        for (rank, entry) in set.entries.iter().enumerate() {
-            let rank = rank as Rank;
-            // Index each policy under the pairs of one selector: a pod lacking all of them cannot match.
-            let (pod_pairs, ns_pairs) = (
-                required_pairs(entry.spec.pod_selector.as_ref()),
-                required_pairs(entry.spec.namespace_selector.as_ref()),
-            );
-            let (index, pairs) = if !pod_pairs.is_empty() {
-                (&mut set.by_pod_label, pod_pairs)
-            } else if !ns_pairs.is_empty() {
-                (&mut set.by_namespace_label, ns_pairs)
-            } else {
-                set.unindexed.push(rank);
-                continue;
-            };
-            for (k, v) in pairs {
-                index
-                    .entry(k.to_string())
-                    .or_default()
-                    .entry(v.to_string())
-                    .or_default()
-                    .push(rank);
-            }
-        }
-        set
-    }
-
-    pub fn from_policies<'a>(policies: impl IntoIterator<Item = &'a KeepalivePolicy>) -> Self {
-        Self::new(policies.into_iter().map(PolicyEntry::from_policy))
-    }
-
-    /// Policies in precedence order.
-    pub fn entries(&self) -> &[PolicyEntry] {
-        &self.entries
-    }
-
-    pub fn get(&self, name: &str) -> Option<&PolicyEntry> {
-        self.entries.iter().find(|e| e.name == name)
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// The policy that owns a pod with these labels: the first in precedence order whose selectors match.
-    pub fn winner(
-        &self,
-        namespace_labels: &BTreeMap<String, String>,
-        pod_labels: &BTreeMap<String, String>,
-    ) -> Option<&PolicyEntry> {
-        let mut candidates: Vec<Rank> = Vec::new();
-        collect(&self.by_pod_label, pod_labels, &mut candidates);
-        collect(&self.by_namespace_label, namespace_labels, &mut candidates);
-        candidates.sort_unstable();
-        candidates.dedup();
-        // Merge the indexed candidates with the always-candidates, in rank order; the first match wins.
-        let (mut i, mut j) = (0, 0);
-        loop {
-            let rank = match (candidates.get(i), self.unindexed.get(j)) {
-                (Some(&a), Some(&b)) if a <= b => {
-                    i += 1;
-                    if a == b {
-                        j += 1;
-                    }
-                    a
-                }
-                (_, Some(&b)) => {
-                    j += 1;
-                    b
-                }
-                (Some(&a), None) => {
-                    i += 1;
-                    a
-                }
-                (None, None) => return None,
-            };
-            let entry = &self.entries[rank as usize];
-            if entry.selects(namespace_labels, pod_labels) {
-                return Some(entry);
-            }
-        }
-    }
-}
-
-/// Label pairs a selector requires, one of which a matching object must carry: all matchLabels pairs (any one
-/// is necessary), else the values of the first `In` requirement.
-fn required_pairs(selector: Option<&LabelSelector>) -> Vec<(&str, &str)> {
-    let Some(s) = selector else { return Vec::new() };
-    if let Some((k, v)) = s.match_labels.iter().next() {
-        return vec![(k.as_str(), v.as_str())];
-    }
-    s.match_expressions
-        .iter()
-        .find(|r| r.operator == SelectorOperator::In)
-        .map(|r| r.values.iter().map(|v| (r.key.as_str(), v.as_str())).collect())
-        .unwrap_or_default()
-}
-
-fn collect(index: &LabelIndex, labels: &BTreeMap<String, String>, out: &mut Vec<Rank>) {
-    if index.is_empty() {
-        return;
-    }
-    for (k, v) in labels {
-        if let Some(ranks) = index.get(k).and_then(|by_value| by_value.get(v)) {
-            out.extend_from_slice(ranks);
         }
     }
 }
@@ -297,36 +118,33 @@ impl<'a> PodFacts<'a> {
     }
 }
 
-/// Why a pod gets no keepalive sysctls injected.
+/// Why a pod gets no keepalive sysctls injected (each variant is the [`Reason`] of the same name).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Skip {
-    /// No policy selects the pod.
     NoPolicy,
-    /// The namespace is labelled keepalive.dev/ignore=true.
     NamespaceIgnored,
-    /// The pod is labelled keepalive.dev/ignore=true.
     PodIgnored,
-    /// hostNetwork pods share the node's network namespace: the apiserver forbids net.* sysctls there.
     HostNetwork,
-    /// Windows pods cannot have sysctls.
     Unsupported,
-    /// The cluster is older than 1.29: kubelet would reject the pod with SysctlForbidden.
     ClusterTooOld,
-    /// The namespace enforces a Pod Security level at a version older than v1.29, which rejects these sysctls.
-    PodSecurityBlocks { level: String, version: String },
+    /// With the namespace's enforced level and the version it is pinned to.
+    PodSecurityBlocks {
+        level: String,
+        version: String,
+    },
 }
 
 impl Skip {
-    /// CamelCase reason, as used in statuses, metrics and log lines.
-    pub fn reason(&self) -> &'static str {
+    /// The reason, as used in statuses, metrics and log lines.
+    pub fn reason(&self) -> Reason {
         match self {
-            Skip::NoPolicy => "NoPolicy",
-            Skip::NamespaceIgnored => "NamespaceIgnored",
-            Skip::PodIgnored => "PodIgnored",
-            Skip::HostNetwork => "HostNetwork",
-            Skip::Unsupported => "Unsupported",
-            Skip::ClusterTooOld => "ClusterTooOld",
-            Skip::PodSecurityBlocks { .. } => "PodSecurityBlocks",
+            Skip::NoPolicy => Reason::NoPolicy,
+            Skip::NamespaceIgnored => Reason::NamespaceIgnored,
+            Skip::PodIgnored => Reason::PodIgnored,
+            Skip::HostNetwork => Reason::HostNetwork,
+            Skip::Unsupported => Reason::Unsupported,
+            Skip::ClusterTooOld => Reason::ClusterTooOld,
+            Skip::PodSecurityBlocks { .. } => Reason::PodSecurityBlocks,
         }
     }
 }
@@ -418,7 +236,7 @@ fn describe(sysctls: &[Sysctl]) -> String {
 
 /// How the live values of a network namespace differ from a policy's, as `name=live (policy: wanted)`; empty
 /// when they are equal.
-pub fn live_differences(wanted: &KeepaliveSettings, live: &crate::api::LiveKeepalive) -> Vec<String> {
+pub fn live_differences(wanted: &KeepaliveSettings, live: &LiveKeepalive) -> Vec<String> {
     [
         (SYSCTL_TIME, live.time, wanted.time),
         (SYSCTL_INTERVAL, live.interval, wanted.interval),
@@ -503,10 +321,10 @@ pub fn decide<'p>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Conformant,
-    /// Not conformant: a CamelCase reason (NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
+    /// Not conformant: the reason (NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
     /// PodSecurityBlocks) and a message for the status.
     Violation {
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
 }
@@ -534,20 +352,20 @@ pub fn assess<'p>(decision: &Decision<'p>, pod: &PodFacts<'_>) -> Option<(&'p Po
                 Verdict::Conformant
             } else {
                 Verdict::Violation {
-                    reason: "PodOverride",
+                    reason: Reason::PodOverride,
                     message: format!("Fill mode keeps the pod's own values: {}", differing.join(", ")),
                 }
             }
         }
         Outcome::Mutate(wanted) => Verdict::Violation {
-            reason: "NotMutated",
+            reason: Reason::NotMutated,
             message: format!(
                 "the pod lacks {} (created before the policy, or while the webhook was down or bypassed); recreate it",
                 describe(wanted)
             ),
         },
         Outcome::Audit(wanted) => Verdict::Violation {
-            reason: "NotMutated",
+            reason: Reason::NotMutated,
             message: format!("Audit: Enforce would set {}", describe(wanted)),
         },
     };
@@ -568,69 +386,6 @@ fn pod_security_block(namespace_labels: &BTreeMap<String, String>) -> Option<Ski
         level: level.clone(),
         version: version.clone(),
     })
-}
-
-/// Which parts of a pod (or pod template) exist: what a patch must create and what it may extend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shape {
-    pub has_metadata: bool,
-    pub has_spec: bool,
-    pub has_security_context: bool,
-    pub has_annotations: bool,
-}
-
-impl Shape {
-    pub fn of(meta: &ObjectMeta, spec: Option<&PodSpec>) -> Self {
-        Shape {
-            has_metadata: true,
-            has_spec: spec.is_some(),
-            has_security_context: spec.is_some_and(|s| s.security_context.is_some()),
-            has_annotations: meta.annotations.is_some(),
-        }
-    }
-}
-
-/// JSON Patch operations that set a pod's (or pod template's) sysctls to `sysctls` and annotate it with the
-/// policy. `prefix` is the JSON pointer of the pod template within the patched object: "" for a Pod,
-/// "/spec/template" for a Deployment.
-pub fn patch_operations(prefix: &str, shape: Shape, policy: &str, sysctls: &[Sysctl]) -> Vec<PatchOperation> {
-    let add = |path: String, value: Value| {
-        PatchOperation::Add(AddOperation {
-            path: PointerBuf::parse(path).expect("a valid JSON pointer"),
-            value,
-        })
-    };
-    let sysctls_json = serde_json::to_value(sysctls).expect("sysctls serialize");
-    let mut ops = Vec::with_capacity(2);
-    let security_context = serde_json::json!({ "sysctls": sysctls_json });
-    if shape.has_security_context {
-        // `add` replaces an existing member: the list is atomic, so it is written whole.
-        ops.push(add(format!("{prefix}/spec/securityContext/sysctls"), sysctls_json));
-    } else if shape.has_spec {
-        ops.push(add(format!("{prefix}/spec/securityContext"), security_context));
-    } else {
-        ops.push(add(
-            format!("{prefix}/spec"),
-            serde_json::json!({ "securityContext": security_context }),
-        ));
-    }
-    if !shape.has_metadata {
-        ops.push(add(
-            format!("{prefix}/metadata"),
-            serde_json::json!({ "annotations": { POLICY_ANNOTATION: policy } }),
-        ));
-    } else if shape.has_annotations {
-        ops.push(add(
-            format!("{prefix}/metadata/annotations/keepalive.dev~1policy"),
-            Value::from(policy),
-        ));
-    } else {
-        ops.push(add(
-            format!("{prefix}/metadata/annotations"),
-            serde_json::json!({ POLICY_ANNOTATION: policy }),
-        ));
-    }
-    ops
 }
 
 #[cfg(test)]

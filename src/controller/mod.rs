@@ -1,18 +1,26 @@
 //! `keepalive-operator controller`: the long-running process. Every replica serves the admission webhook from
-//! the shared watch-driven caches; the elected leader also runs the conformance reports into policy status.
+//! the shared watch-driven caches; the elected leader also writes the conformance reports into policy status.
+
+mod caches;
+pub mod conformance;
+mod leader;
+mod metrics;
+mod status_writer;
 
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use kube::Client;
 
+pub use self::{caches::Caches, leader::LeaderArgs, metrics::ControllerMetrics, status_writer::MIN_WRITE_INTERVAL};
 use crate::{
-    cache::Caches,
-    certs::{self, TlsArgs},
-    cli::ClusterArgs,
-    metrics::Metrics,
     policy::ClusterFacts,
-    server,
+    runtime::{
+        certs::{self, TlsArgs},
+        listen::{OptionalListen, optional_listen},
+        metrics::Registry,
+        server, shutdown_signal,
+    },
     webhook::{self, Webhook},
 };
 
@@ -22,14 +30,23 @@ pub struct Args {
     #[arg(long, env = "KEEPALIVE_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
     /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
-    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = crate::cli::optional_listen)]
-    pub admin_listen: crate::cli::OptionalListen,
+    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = optional_listen)]
+    pub admin_listen: OptionalListen,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
-    pub leader: crate::leader::LeaderArgs,
+    pub leader: LeaderArgs,
+}
+
+/// What the operator may assume about the cluster's kubelets.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// The kubelets allow the keepalive sysctls even though the cluster is older than 1.29 (they run with
+    /// --allowed-unsafe-sysctls listing them). Without it, nothing is injected on such clusters.
+    #[arg(long, env = "KEEPALIVE_KUBELET_ALLOWS_KEEPALIVE_SYSCTLS")]
+    pub kubelet_allows_keepalive_sysctls: bool,
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -53,27 +70,24 @@ pub async fn run(args: Args) -> Result<()> {
              (pass --kubelet-allows-keepalive-sysctls if they run with --allowed-unsafe-sysctls)"
         );
     }
-    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::with_prefix("keepalive");
+    let metrics = ControllerMetrics::register(&mut registry);
     let caches = Caches::start(client.clone(), metrics.clone());
     let certs = certs::start(&args.tls, client.clone()).await?;
-    let webhook = Arc::new(Webhook {
-        caches: caches.clone(),
-        cluster,
-        metrics: metrics.clone(),
-    });
-    let router = webhook::router(webhook.clone());
+    let webhook = Arc::new(Webhook::new(caches.clone(), cluster, &mut registry));
+    let router = webhook::router(webhook).merge(crate::runtime::metrics::router(Arc::new(registry)));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
-    let election = tokio::spawn(crate::leader::run(
+    let election = tokio::spawn(leader::run(
         client.clone(),
         args.tls.namespace.clone(),
         args.leader.clone(),
         leading_tx,
         stopped.clone(),
     ));
-    let reconciler = crate::reconcile::Reconciler::new(client.clone(), caches, cluster, metrics);
-    let reconciling = tokio::spawn(reconciler.run(leading, stopped));
+    let writer = status_writer::StatusWriter::new(client.clone(), caches, cluster, metrics);
+    let writing = tokio::spawn(writer.run(leading, stopped));
 
     let listener = server::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, version = %version.git_version, "webhook serving");
@@ -88,18 +102,9 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = election.await;
-        let _ = reconciling.await;
+        let _ = writing.await;
     })
     .await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -1,6 +1,7 @@
-//! The conformance controller's I/O shell: feeds [`Conformance`] from the pod watch and the shared caches, and
-//! (on the leader only) writes each changed policy status by server-side apply — only when the report changed,
-//! at most once per [`MIN_WRITE_INTERVAL`] per policy — with an Event on every condition transition.
+//! The status writer, the conformance controller's I/O shell: feeds [`Conformance`] from the pod and node report
+//! watches and the shared caches, and (on the leader only) writes each changed policy status by server-side
+//! apply — only when the report changed, at most once per [`MIN_WRITE_INTERVAL`] per policy — with an Event on
+//! every condition transition.
 
 use std::{
     collections::HashMap,
@@ -21,28 +22,30 @@ use kube::{
 };
 use tokio::sync::watch;
 
+use super::{
+    caches::{Caches, NamespaceChanges},
+    conformance::{self, Conformance, NodeLive},
+    metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
+};
 use crate::{
-    api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus},
-    cache::{Caches, NamespaceChanges},
-    certs::FIELD_MANAGER,
-    conformance::{self, Conformance, LeanPod, NodeLive},
-    metrics::{CacheLabels, Metrics, OutcomeLabels, PodStateLabels},
-    policy::ClusterFacts,
+    api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
+    policy::{ClusterFacts, PolicySet, Reason},
+    runtime::watch::{Index, Relist},
 };
 
 /// A policy's status is written at most this often, however fast its pods churn.
 pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 
-pub struct Reconciler {
+pub struct StatusWriter {
     client: Client,
     caches: Arc<Caches>,
     cluster: ClusterFacts,
-    metrics: Arc<Metrics>,
+    metrics: ControllerMetrics,
     recorder: Recorder,
     state: Conformance,
-    pods_synced: bool,
-    reports_synced: bool,
+    /// Node reports cannot be read (no CRD, no permission): pods are judged by their spec.
+    reports_unreadable: bool,
     /// Policies waiting for a write, and when each was last written.
     pending: std::collections::HashSet<Arc<str>>,
     last_write: HashMap<Arc<str>, Instant>,
@@ -50,25 +53,24 @@ pub struct Reconciler {
     last_status: HashMap<String, KeepalivePolicyStatus>,
 }
 
-impl Reconciler {
-    pub fn new(client: Client, caches: Arc<Caches>, cluster: ClusterFacts, metrics: Arc<Metrics>) -> Self {
+impl StatusWriter {
+    pub fn new(client: Client, caches: Arc<Caches>, cluster: ClusterFacts, metrics: ControllerMetrics) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
-                controller: FIELD_MANAGER.into(),
+                controller: OPERATOR_MANAGER.into(),
                 instance,
             },
         );
-        Reconciler {
+        StatusWriter {
             client,
             caches,
             cluster,
             metrics,
             recorder,
             state: Conformance::new(cluster),
-            pods_synced: false,
-            reports_synced: false,
+            reports_unreadable: false,
             pending: Default::default(),
             last_write: Default::default(),
             last_status: Default::default(),
@@ -79,65 +81,38 @@ impl Reconciler {
     pub async fn run(mut self, leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut pods = std::pin::pin!(pods);
-        let mut relist: Vec<LeanPod> = Vec::new();
+        let mut pod_relist = Relist::default();
         let reports = watcher(
             Api::<KeepaliveNodeReport>::all(self.client.clone()),
             watcher::Config::default(),
         )
         .default_backoff();
         let mut reports = std::pin::pin!(reports);
-        let mut report_relist: Vec<(String, NodeLive)> = Vec::new();
+        let mut report_relist = Relist::default();
         let mut tick = tokio::time::interval(TICK);
-        let mut policies = Arc::new(crate::policy::PolicySet::default());
+        let mut policies = Arc::new(PolicySet::default());
         let mut changes = self.caches.subscribe();
         changes.mark_changed();
         loop {
             tokio::select! {
                 event = pods.next() => match event {
-                    Some(Ok(watcher::Event::Init)) => relist.clear(),
-                    Some(Ok(watcher::Event::InitApply(pod))) => relist.extend(self.state.lean(pod)),
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        self.state.replace_pods(std::mem::take(&mut relist));
-                        self.pods_synced = true;
-                    }
-                    Some(Ok(watcher::Event::Apply(pod))) => {
-                        if let Some(pod) = self.state.lean(pod) {
-                            self.state.upsert_pod(pod);
-                        }
-                    }
-                    Some(Ok(watcher::Event::Delete(pod))) => {
-                        if let (Some(ns), Some(name)) = (pod.metadata.namespace, pod.metadata.name) {
-                            self.state.remove_pod(&(Arc::from(ns.as_str()), Arc::from(name.as_str())));
-                        }
+                    Some(Ok(event)) => {
+                        pod_relist.handle(&mut self.state, event);
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
                     None => return,
                 },
                 event = reports.next() => match event {
-                    Some(Ok(watcher::Event::Init)) => report_relist.clear(),
-                    Some(Ok(watcher::Event::InitApply(r))) => {
-                        report_relist.extend(r.metadata.name.clone().map(|n| (n, NodeLive::from_report(&r.spec))));
-                    }
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        self.state.replace_node_reports(std::mem::take(&mut report_relist), Timestamp::now());
-                        self.reports_synced = true;
-                    }
-                    Some(Ok(watcher::Event::Apply(r))) => {
-                        if let Some(name) = &r.metadata.name {
-                            self.state.set_node_report(name, NodeLive::from_report(&r.spec), Timestamp::now());
-                        }
-                    }
-                    Some(Ok(watcher::Event::Delete(r))) => {
-                        if let Some(name) = &r.metadata.name {
-                            self.state.remove_node_report(name);
-                        }
+                    Some(Ok(event)) => {
+                        let mut reports = Reports { state: &mut self.state, now: Timestamp::now() };
+                        report_relist.handle(&mut reports, event);
                     }
                     Some(Err(e)) => {
                         // Without the node report CRD (no agents installed) or the right to read it, pods are judged
                         // by their spec alone rather than not at all.
-                        if !self.reports_synced && is_absent_or_forbidden(&e) {
+                        if !report_relist.synced() && !self.reports_unreadable && is_absent_or_forbidden(&e) {
                             tracing::warn!(error = %e, "cannot read KeepaliveNodeReports: judging pods by spec only");
-                            self.reports_synced = true;
+                            self.reports_unreadable = true;
                         } else {
                             tracing::warn!(error = %e, "node report watch failed; retrying");
                         }
@@ -145,7 +120,7 @@ impl Reconciler {
                     None => return,
                 },
                 _ = changes.changed() => {
-                    let current = self.caches.policies();
+                    let current = crate::webhook::Lookup::policies(&*self.caches);
                     tracing::debug!(policies = current.len(), "caches changed");
                     if !Arc::ptr_eq(&current, &policies) {
                         policies = current.clone();
@@ -164,11 +139,12 @@ impl Reconciler {
                     }
                 }
                 _ = tick.tick() => {
-                    self.metrics.cache_objects.get_or_create(&CacheLabels { cache: "pods" }).set(self.state.pod_count() as i64);
+                    self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
                     let leader = *leading.borrow();
                     self.metrics.leader.set(i64::from(leader));
-                    if leader && self.pods_synced && self.reports_synced && self.caches.ready() {
+                    let reports_synced = report_relist.synced() || self.reports_unreadable;
+                    if leader && pod_relist.synced() && reports_synced && crate::webhook::Lookup::ready(&*self.caches) {
                         self.write_statuses().await;
                     }
                 }
@@ -221,10 +197,7 @@ impl Reconciler {
             );
             if previous.as_ref().is_some_and(|p| conformance::same_report(p, &status)) {
                 self.last_status.insert(name.to_string(), status);
-                self.metrics
-                    .status_writes
-                    .get_or_create(&OutcomeLabels { outcome: "unchanged" })
-                    .inc();
+                self.metrics.status_write(WriteOutcome::Unchanged);
                 continue;
             }
             let patch = serde_json::json!({
@@ -233,14 +206,15 @@ impl Reconciler {
                 "status": status,
             });
             match api
-                .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(OPERATOR_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
                 .await
             {
                 Ok(_) => {
-                    self.metrics
-                        .status_writes
-                        .get_or_create(&OutcomeLabels { outcome: "written" })
-                        .inc();
+                    self.metrics.status_write(WriteOutcome::Written);
                     self.last_write.insert(name.clone(), Instant::now());
                     self.publish_transitions(&object, previous.as_ref(), &status).await;
                     self.last_status.insert(name.to_string(), status);
@@ -250,10 +224,7 @@ impl Reconciler {
                 }
                 Err(e) => {
                     tracing::warn!(policy = %name, error = %e, "writing status failed; will retry");
-                    self.metrics
-                        .status_writes
-                        .get_or_create(&OutcomeLabels { outcome: "failed" })
-                        .inc();
+                    self.metrics.status_write(WriteOutcome::Failed);
                     self.pending.insert(name);
                 }
             }
@@ -262,26 +233,22 @@ impl Reconciler {
     }
 
     fn record_metrics(&self, policy: &str, summary: &conformance::Summary) {
-        let set = |state: &str, n: i32| {
-            self.metrics
-                .policy_pods
-                .get_or_create(&PodStateLabels {
-                    policy: policy.into(),
-                    state: state.into(),
-                })
-                .set(i64::from(n));
-        };
-        set("matched", summary.matched);
-        set("conformant", summary.conformant);
-        set("live_verified", summary.live_verified);
+        let set = |state: PodState, n: i32| self.metrics.policy_pods(policy, state, n);
+        set(PodState::Matched, summary.matched);
+        set(PodState::Conformant, summary.conformant);
+        set(PodState::LiveVerified, summary.live_verified);
         for (reason, n) in &summary.by_reason {
-            set(reason, *n);
+            set(PodState::Reason(*reason), *n);
         }
         // A reason that is gone reads 0, not its last count (alerts on it must clear).
         let previous = self.last_status.get(policy).map(|s| &s.violation_counts);
-        for reason in previous.into_iter().flat_map(|p| p.keys()) {
-            if !summary.by_reason.contains_key(reason) {
-                set(reason, 0);
+        for reason in previous
+            .into_iter()
+            .flat_map(|p| p.keys())
+            .filter_map(|r| Reason::from_wire(r))
+        {
+            if !summary.by_reason.contains_key(&reason) {
+                set(PodState::Reason(reason), 0);
             }
         }
     }
@@ -316,6 +283,31 @@ impl Reconciler {
                 tracing::warn!(error = %e, "publishing an event failed");
             }
         }
+    }
+}
+
+/// The node reports as the conformance state keeps them, stamped with when this replica received them.
+struct Reports<'a> {
+    state: &'a mut Conformance,
+    now: Timestamp,
+}
+
+impl Index<KeepaliveNodeReport> for Reports<'_> {
+    type Entry = (String, NodeLive);
+
+    fn entry(&mut self, report: KeepaliveNodeReport) -> Option<Self::Entry> {
+        Some((report.metadata.name?, NodeLive::from_report(&report.spec)))
+    }
+    fn apply(&mut self, (name, live): Self::Entry) {
+        self.state.set_node_report(&name, live, self.now);
+    }
+    fn delete(&mut self, report: KeepaliveNodeReport) {
+        if let Some(name) = &report.metadata.name {
+            self.state.remove_node_report(name);
+        }
+    }
+    fn reset(&mut self, reports: Vec<Self::Entry>) {
+        self.state.replace_node_reports(reports, self.now);
     }
 }
 

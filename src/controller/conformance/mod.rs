@@ -2,7 +2,7 @@
 //! incrementally as pods, namespaces and policies change. Pure state; the controller feeds it from watches
 //! and writes what it reports.
 //!
-//! Pods are held lean ([`LeanPod`]): only what the decision and the report need. Terminated pods (phase
+//! Pods are held lean ([`CachedPod`]): only what the decision and the report need. Terminated pods (phase
 //! Succeeded or Failed) are not counted: they hold no connections.
 //!
 //! Live readings ([`NodeLive`], from the node agents' reports) take precedence over the pod spec: once a fresh
@@ -16,20 +16,28 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Sysctl},
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    api::core::v1::Pod,
     jiff::{SignedDuration, Timestamp},
 };
 
+mod pod;
+mod status;
+
+use self::pod::Interner;
+pub use self::{
+    pod::{CachedPod, PodKey, parse_uid},
+    status::{same_report, status},
+};
 use crate::{
-    api::{ConnectionCounts, KeepaliveNodeReportSpec, KeepalivePolicyStatus, LiveKeepalive, MAX_VIOLATIONS, Violation},
-    policy::{self, ClusterFacts, PodFacts, PolicyEntry, PolicySet, Verdict},
+    api::{ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_VIOLATIONS, Violation},
+    policy::{self, ClusterFacts, PolicyEntry, PolicySet, Reason, Verdict},
+    runtime::watch::Index,
 };
 
 /// The reason of a pod that conforms by its spec but has no live reading yet: not counted conformant, but not a
 /// violation either — the `Conformant` condition does not turn False for pods that merely wait for the agent's
 /// next scan (every rollout would flap it).
-pub const AWAITING: &str = "AwaitingLiveReading";
+pub const AWAITING: Reason = Reason::AwaitingLiveReading;
 
 /// A node report not refreshed for this many heartbeats is stale: its agent is gone or cannot write.
 pub const STALE_AFTER_HEARTBEATS: i32 = 3;
@@ -83,97 +91,12 @@ impl NodeLive {
     }
 }
 
-/// (namespace, name) of a pod.
-pub type PodKey = (Arc<str>, Arc<str>);
-
-/// What the controller keeps of a pod. Strings, label sets and sysctl lists that many pods share (pods of one
-/// ReplicaSet have identical labels) are interned: each distinct value is held once.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LeanPod {
-    /// The pod UID as a number (a UUID: 16 bytes instead of a 36-character string), to join node reports.
-    pub uid: u128,
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
-    pub labels: Arc<BTreeMap<String, String>>,
-    pub node: Option<Arc<str>>,
-    pub host_network: bool,
-    pub windows: bool,
-    pub sysctls: Arc<[Sysctl]>,
-    /// The `keepalive.dev/policy` annotation: which policy the webhook applied.
-    pub applied_policy: Option<Arc<str>>,
-    pub phase: Option<Arc<str>>,
-}
-
-impl LeanPod {
-    pub fn key(&self) -> PodKey {
-        (self.namespace.clone(), self.name.clone())
-    }
-
-    pub fn facts(&self) -> PodFacts<'_> {
-        PodFacts {
-            labels: &self.labels,
-            host_network: self.host_network,
-            windows: self.windows,
-            sysctls: &self.sysctls,
-        }
-    }
-
-    fn terminated(&self) -> bool {
-        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
-    }
-}
-
-/// Holds each distinct shared value once.
-#[derive(Default)]
-struct Interner {
-    strings: HashSet<Arc<str>>,
-    labels: HashSet<Arc<BTreeMap<String, String>>>,
-    sysctls: HashMap<Vec<(String, String)>, Arc<[Sysctl]>>,
-}
-
-impl Interner {
-    fn str(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.strings.get(s) {
-            return a.clone();
-        }
-        let a: Arc<str> = Arc::from(s);
-        self.strings.insert(a.clone());
-        a
-    }
-
-    fn labels(&mut self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        if let Some(a) = self.labels.get(&labels) {
-            return a.clone();
-        }
-        let a = Arc::new(labels);
-        self.labels.insert(a.clone());
-        a
-    }
-
-    fn sysctls(&mut self, sysctls: Vec<Sysctl>) -> Arc<[Sysctl]> {
-        let key: Vec<(String, String)> = sysctls.iter().map(|s| (s.name.clone(), s.value.clone())).collect();
-        self.sysctls.entry(key).or_insert_with(|| Arc::from(sysctls)).clone()
-    }
-
-    /// Forgets values no pod uses any more.
-    fn sweep(&mut self) {
-        self.strings.retain(|a| Arc::strong_count(a) > 1);
-        self.labels.retain(|a| Arc::strong_count(a) > 1);
-        self.sysctls.retain(|_, a| Arc::strong_count(a) > 1);
-    }
-}
-
-pub fn parse_uid(uid: &str) -> u128 {
-    let hex: String = uid.chars().filter(|c| *c != '-').collect();
-    u128::from_str_radix(&hex, 16).unwrap_or(0)
-}
-
 /// A pod's place in the tallies: the policy that owns it, when it does not conform why, whether its live values
 /// were read and match, and its connections (when read).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Owned {
     policy: Arc<str>,
-    reason: Option<&'static str>,
+    reason: Option<Reason>,
     verified: bool,
     connections: Option<(u32, u32)>,
 }
@@ -195,7 +118,7 @@ struct Tally {
     read: i32,
     established: i64,
     keepalive: i64,
-    by_reason: BTreeMap<&'static str, i32>,
+    by_reason: BTreeMap<Reason, i32>,
     /// Non-conformant pods, sorted: the first ones become the status' violations.
     violating: BTreeSet<PodKey>,
 }
@@ -208,7 +131,7 @@ pub struct Summary {
     pub live_verified: i32,
     /// `None` while no matched pod has a live reading.
     pub connections: Option<ConnectionCounts>,
-    pub by_reason: BTreeMap<String, i32>,
+    pub by_reason: BTreeMap<Reason, i32>,
     pub violations: Vec<Violation>,
 }
 
@@ -219,7 +142,7 @@ pub struct Conformance {
     cluster: ClusterFacts,
     policies: Arc<PolicySet>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
-    pods: HashMap<PodKey, (LeanPod, Option<Owned>)>,
+    pods: HashMap<PodKey, (CachedPod, Option<Owned>)>,
     /// The pods of each node, to judge them again when the node's report changes.
     by_node: HashMap<Arc<str>, HashSet<PodKey>>,
     /// Node reports, and whether each was fresh at the last look.
@@ -238,12 +161,12 @@ impl Conformance {
         }
     }
 
-    /// Makes a watched Pod lean: everything the report does not need is dropped here, at ingest.
-    pub fn lean(&mut self, pod: Pod) -> Option<LeanPod> {
+    /// What the controller keeps of a watched Pod: everything the report does not need is dropped here, at ingest.
+    pub fn cached(&mut self, pod: Pod) -> Option<CachedPod> {
         let meta = pod.metadata;
         let spec = pod.spec.unwrap_or_default();
         let i = &mut self.interner;
-        Some(LeanPod {
+        Some(CachedPod {
             uid: meta.uid.as_deref().map(parse_uid).unwrap_or(0),
             namespace: i.str(meta.namespace.as_deref()?),
             name: Arc::from(meta.name?.as_str()),
@@ -265,7 +188,7 @@ impl Conformance {
         self.pods.len()
     }
 
-    pub fn pods(&self) -> impl Iterator<Item = &LeanPod> {
+    pub fn pods(&self) -> impl Iterator<Item = &CachedPod> {
         self.pods.values().map(|(p, _)| p)
     }
 
@@ -273,7 +196,7 @@ impl Conformance {
         &self.policies
     }
 
-    fn judge(&self, pod: &LeanPod) -> Option<Owned> {
+    fn judge(&self, pod: &CachedPod) -> Option<Owned> {
         let j = self.evaluate(pod)?;
         let reason = match j.verdict {
             Verdict::Conformant => None,
@@ -289,7 +212,7 @@ impl Conformance {
 
     /// The policy that owns the pod and the verdict: by the pod spec, then by the live reading of a fresh node
     /// report when there is one.
-    fn evaluate(&self, pod: &LeanPod) -> Option<Judgement<'_>> {
+    fn evaluate(&self, pod: &CachedPod) -> Option<Judgement<'_>> {
         if pod.terminated() {
             return None;
         }
@@ -343,7 +266,7 @@ impl Conformance {
             }
             (Some(live), Verdict::Conformant) => {
                 judgement.verdict = Verdict::Violation {
-                    reason: "LiveMismatch",
+                    reason: Reason::LiveMismatch,
                     message: format!(
                         "the pod spec has the policy's values but its network namespace holds {} (read by the \
                          agent on node {node_name})",
@@ -354,7 +277,7 @@ impl Conformance {
             (None, Verdict::Conformant) => {
                 judgement.verdict = match reading.and_then(|r| r.error.as_deref()) {
                     Some(error) => Verdict::Violation {
-                        reason: "Unverified",
+                        reason: Reason::Unverified,
                         message: format!("the agent on node {node_name} could not read the pod: {error}"),
                     },
                     None => Verdict::Violation {
@@ -397,7 +320,7 @@ impl Conformance {
                 let n = tally.by_reason.entry(reason).or_default();
                 *n += sign;
                 if *n == 0 {
-                    tally.by_reason.remove(reason);
+                    tally.by_reason.remove(&reason);
                 }
                 if sign > 0 {
                     tally.violating.insert(key.clone());
@@ -410,7 +333,7 @@ impl Conformance {
     }
 
     /// A pod was created or changed: only its own (old and new) policies are recomputed.
-    pub fn upsert_pod(&mut self, pod: LeanPod) {
+    pub fn upsert_pod(&mut self, pod: CachedPod) {
         let key = pod.key();
         let owned = self.judge(&pod);
         if let Some((old_pod, old)) = self.pods.remove(&key) {
@@ -457,7 +380,7 @@ impl Conformance {
     }
 
     /// Replaces all pods (a watch relist).
-    pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = LeanPod>) {
+    pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = CachedPod>) {
         self.pods = pods.into_iter().map(|p| (p.key(), (p, None))).collect();
         self.by_node.clear();
         for (key, (pod, _)) in &self.pods {
@@ -626,128 +549,30 @@ impl Conformance {
                 established: tally.established,
                 keepalive: tally.keepalive,
             }),
-            by_reason: tally.by_reason.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            by_reason: tally.by_reason.clone(),
             violations,
         })
     }
 }
 
-/// The status of a policy from its summary. Conditions keep their `lastTransitionTime` while their status does
-/// not change; `now` stamps `lastEvaluated` and new transitions.
-pub fn status(
-    summary: &Summary,
-    generation: Option<i64>,
-    cluster: ClusterFacts,
-    previous: Option<&KeepalivePolicyStatus>,
-    now: &Time,
-) -> KeepalivePolicyStatus {
-    let blocked = summary.by_reason.get("PodSecurityBlocks").copied().unwrap_or(0);
-    let (ready, ready_reason, ready_message) = if !cluster.keepalive_sysctls_safe {
-        (
-            false,
-            "ClusterTooOld",
-            format!(
-                "the cluster is older than 1.{}: kubelets reject the keepalive sysctls, so nothing is injected",
-                policy::FIRST_SAFE_MINOR
-            ),
-        )
-    } else if blocked > 0 {
-        (
-            false,
-            "PodSecurityBlocks",
-            format!(
-                "{blocked} matched pods are in namespaces whose Pod Security enforce-version is below v1.{}, which \
-                 rejects the keepalive sysctls",
-                policy::FIRST_SAFE_MINOR
-            ),
-        )
-    } else {
-        (
-            true,
-            "Accepted",
-            "the policy is accepted and the operator's caches are synced".to_string(),
-        )
-    };
-    let awaiting = summary.by_reason.get(AWAITING).copied().unwrap_or(0);
-    let all = summary.matched == summary.conformant + awaiting;
-    let conformant_message = if summary.matched == 0 {
-        "no pods match this policy".to_string()
-    } else if all && awaiting > 0 {
-        format!(
-            "no matched pod violates the policy; {awaiting} of {} await their first live reading",
-            summary.matched
-        )
-    } else if all {
-        format!("all {} matched pods conform", summary.matched)
-    } else {
-        let reasons: Vec<String> = summary.by_reason.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        format!(
-            "{} of {} matched pods do not conform: {}",
-            summary.matched - summary.conformant - awaiting,
-            summary.matched,
-            reasons.join(", ")
-        )
-    };
-    let conditions = vec![
-        condition("Ready", ready, ready_reason, ready_message, generation, previous, now),
-        condition(
-            "Conformant",
-            all,
-            if all { "AllPodsConform" } else { "PodsDoNotConform" },
-            conformant_message,
-            generation,
-            previous,
-            now,
-        ),
-    ];
-    KeepalivePolicyStatus {
-        observed_generation: generation,
-        matched_pods: Some(summary.matched),
-        conformant_pods: Some(summary.conformant),
-        live_verified_pods: Some(summary.live_verified),
-        connections: summary.connections,
-        connection_coverage: summary
-            .connections
-            .map(|c| format!("{}/{}", c.keepalive, c.established)),
-        violation_counts: summary.by_reason.clone(),
-        conditions,
-        violations: summary.violations.clone(),
-        last_evaluated: Some(now.clone()),
-    }
-}
+/// Fed by the pod watch through [`crate::runtime::watch::Relist`].
+impl Index<Pod> for Conformance {
+    type Entry = CachedPod;
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    previous: Option<&KeepalivePolicyStatus>,
-    now: &Time,
-) -> Condition {
-    let status = if ok { "True" } else { "False" };
-    let last_transition_time = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
+    fn entry(&mut self, pod: Pod) -> Option<CachedPod> {
+        self.cached(pod)
     }
-}
-
-/// Two statuses say the same (ignoring `lastEvaluated`): no write is needed.
-pub fn same_report(a: &KeepalivePolicyStatus, b: &KeepalivePolicyStatus) -> bool {
-    let strip = |s: &KeepalivePolicyStatus| KeepalivePolicyStatus {
-        last_evaluated: None,
-        ..s.clone()
-    };
-    strip(a) == strip(b)
+    fn apply(&mut self, pod: CachedPod) {
+        self.upsert_pod(pod);
+    }
+    fn delete(&mut self, pod: Pod) {
+        if let (Some(ns), Some(name)) = (pod.metadata.namespace, pod.metadata.name) {
+            self.remove_pod(&(Arc::from(ns.as_str()), Arc::from(name.as_str())));
+        }
+    }
+    fn reset(&mut self, pods: Vec<CachedPod>) {
+        self.replace_pods(pods);
+    }
 }
 
 #[cfg(test)]

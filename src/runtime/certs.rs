@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use crate::api::OPERATOR_MANAGER;
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwapOption;
 use k8s_openapi::{
@@ -30,8 +31,6 @@ use tokio_rustls::rustls::{
     sign::CertifiedKey,
 };
 
-/// Field manager of the operator's server-side applies.
-pub const FIELD_MANAGER: &str = "keepalive-operator";
 const ANNOTATION_NOT_AFTER: &str = "keepalive.dev/not-after";
 const ANNOTATION_DNS_NAMES: &str = "keepalive.dev/dns-names";
 /// A serving certificate is renewed this long before it expires.
@@ -222,7 +221,7 @@ impl Pki {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
-                labels: Some([("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string())].into()),
+                labels: Some([("app.kubernetes.io/managed-by".to_string(), OPERATOR_MANAGER.to_string())].into()),
                 annotations: Some(
                     [
                         (ANNOTATION_NOT_AFTER.to_string(), not_after),
@@ -354,7 +353,7 @@ pub async fn sync_ca_bundle(client: &Client, configuration: &str, ca_pem: &str) 
     });
     api.patch(
         configuration,
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(OPERATOR_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await?;

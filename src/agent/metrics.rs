@@ -1,0 +1,95 @@
+//! The node agent's metrics.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+};
+
+use crate::runtime::metrics::Registry;
+
+/// Whether the last scan read a pod: the `state` label of `keepalive_agent_pods`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PodRead {
+    Verified,
+    Unverified,
+}
+
+/// The result of a report write: the `outcome` label of `keepalive_agent_report_writes_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Written,
+    Failed,
+}
+
+impl PodRead {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PodRead::Verified => "verified",
+            PodRead::Unverified => "unverified",
+        }
+    }
+}
+
+impl WriteOutcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WriteOutcome::Written => "written",
+            WriteOutcome::Failed => "failed",
+        }
+    }
+}
+
+crate::label_value!(PodRead, WriteOutcome);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodReadLabels {
+    state: PodRead,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: WriteOutcome,
+}
+
+#[derive(Clone)]
+pub struct AgentMetrics {
+    /// Time of one scan of the node.
+    pub scan_duration: Histogram,
+    pods: Family<PodReadLabels, Gauge>,
+    report_writes: Family<OutcomeLabels, Counter>,
+}
+
+impl AgentMetrics {
+    /// Registers `scan_duration_seconds`, `pods` and `report_writes` (under the registry's `keepalive_agent`
+    /// prefix).
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = AgentMetrics {
+            // 1 ms .. ~2.6 s
+            scan_duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                1e-3, 2.2, 11,
+            )),
+            pods: Family::default(),
+            report_writes: Family::default(),
+        };
+        registry.register(
+            "scan_duration_seconds",
+            "Time of one scan of the node's pods",
+            metrics.scan_duration.clone(),
+        );
+        registry.register("pods", "Pods of the last scan, by state", metrics.pods.clone());
+        registry.register(
+            "report_writes",
+            "Writes of the node report, by result",
+            metrics.report_writes.clone(),
+        );
+        metrics
+    }
+
+    pub fn pods(&self, state: PodRead, n: i32) {
+        self.pods.get_or_create(&PodReadLabels { state }).set(i64::from(n));
+    }
+
+    pub fn report_write(&self, outcome: WriteOutcome) {
+        self.report_writes.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}

@@ -1,0 +1,287 @@
+//! `keepalive-operator agent`: on every node, reads the live keepalive values of the node's pods and publishes
+//! them in the node's `KeepaliveNodeReport`.
+//!
+//! API writes per node are bounded: at most one per scan interval (default 10 s), and only when a reading
+//! changed; otherwise one heartbeat per `--heartbeat-seconds` (default 60 s) so the controller knows the agent
+//! is alive. Entries of pods that left the node disappear with the next write.
+
+mod admin;
+pub mod kernel;
+mod metrics;
+mod scanner;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+
+pub use self::{
+    kernel::{Connections, ReadError},
+    scanner::{Counting, NodePod, Scanner},
+};
+use self::{
+    metrics::{AgentMetrics, PodRead, WriteOutcome},
+    scanner::NodePods,
+};
+use crate::{
+    api::{AGENT_MANAGER, KeepaliveNodeReport, KeepaliveNodeReportSpec, PodLiveReport},
+    runtime::{
+        listen::{OptionalListen, optional_listen},
+        metrics::Registry,
+        server, shutdown_signal,
+        watch::{Relist, logged},
+    },
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The node this agent runs on (from the downward API: spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The host's /proc (the agent runs with hostPID).
+    #[arg(long, env = "KEEPALIVE_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// Seconds between scans; also the shortest time between two writes of the report.
+    #[arg(long, env = "KEEPALIVE_SCAN_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 10)]
+    pub scan_interval_seconds: u64,
+    /// A host process in the node's own network namespace, whose values hostNetwork pods run with (with hostPID,
+    /// 1 is the host's init).
+    #[arg(long, env = "KEEPALIVE_NODE_NETNS_PID", default_value_t = 1)]
+    pub node_netns_pid: u32,
+    /// The report is rewritten at least this often, as a heartbeat, even when nothing changed; changed connection
+    /// counts alone wait for it. At least the scan interval.
+    #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 60)]
+    pub heartbeat_seconds: u64,
+    /// How connections are counted: sock-diag (read-only, like `ss`) or socket-fds (faster; see the README).
+    #[arg(long, env = "KEEPALIVE_COUNT_CONNECTIONS", value_enum, default_value_t = Counting::SockDiag)]
+    pub count_connections: Counting,
+    /// With sock-diag, each pod's connections are recounted at least every this many scans (the dumps of a scan
+    /// are spread so): 3 with 10 s scans keeps counts at most 30 s old.
+    #[arg(long, env = "KEEPALIVE_COUNT_EVERY_SCANS", value_parser = clap::value_parser!(u32).range(1..=100), default_value_t = 3)]
+    pub count_every_scans: u32,
+    /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
+    #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = optional_listen)]
+    pub admin_listen: OptionalListen,
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name));
+    let mut events = std::pin::pin!(logged(watcher(pods_api, config).default_backoff(), "pod"));
+    let reports: Api<KeepaliveNodeReport> = Api::all(client);
+    let mut pods = NodePods::default();
+    let mut relist = Relist::default();
+    let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
+    let mut scanner = Some(Scanner::with_counting(
+        args.proc_root.clone(),
+        args.node_netns_pid,
+        args.count_connections,
+        args.count_every_scans,
+    ));
+    raise_open_file_limit();
+    let mut registry = Registry::with_prefix("keepalive_agent");
+    let metrics = AgentMetrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    // Seconds (since the agent started) at the end of the last completed scan; 0 before the first.
+    let started_at = std::time::Instant::now();
+    let last_scan = Arc::new(AtomicU64::new(0));
+    if args.heartbeat_seconds < args.scan_interval_seconds {
+        anyhow::bail!(
+            "--heartbeat-seconds ({}) must be at least --scan-interval-seconds ({}): the report is written at most once a scan",
+            args.heartbeat_seconds,
+            args.scan_interval_seconds
+        );
+    }
+    if let Some(addr) = args.admin_listen.0 {
+        let listener = server::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "probes and metrics serving");
+        let health = admin::Health {
+            ready: ready.clone(),
+            last_scan: last_scan.clone(),
+            started_at,
+            // A scan loop stuck (say, on a hung kernel read) for this long fails the liveness probe.
+            stuck_after: 3 * args.scan_interval_seconds + 30,
+        };
+        let router = admin::router(Arc::new(registry), health);
+        tokio::spawn(server::serve_plain(listener, router, shutdown_signal()));
+    }
+    let shutdown = shutdown_signal();
+    let mut shutdown = std::pin::pin!(shutdown);
+    tracing::info!(node = %args.node_name, "agent running");
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(event) => {
+                    relist.handle(&mut pods, event);
+                }
+                None => return Ok(()),
+            },
+            _ = tick.tick() => {
+                if !relist.synced() {
+                    continue;
+                }
+                let snapshot: Vec<NodePod> = pods.0.values().cloned().collect();
+                let previous = written.as_ref().map(|(s, _)| s.pods.clone()).unwrap_or_default();
+                let now = Time(Timestamp::now());
+                let stamp = now.clone();
+                let mut taken = scanner.take().expect("the scanner is back after every scan");
+                let started = std::time::Instant::now();
+                let Ok((back, (node, pod_reports))) = tokio::task::spawn_blocking(move || {
+                    let result = taken.scan(&snapshot, &previous, &stamp);
+                    (taken, result)
+                })
+                .await
+                else {
+                    // The scan panicked: start over with a fresh scanner.
+                    scanner = Some(Scanner::with_counting(
+                        args.proc_root.clone(),
+                        args.node_netns_pid,
+                        args.count_connections,
+                        args.count_every_scans,
+                    ));
+                    continue;
+                };
+                scanner = Some(back);
+                metrics.scan_duration.observe(started.elapsed().as_secs_f64());
+                last_scan.store(started_at.elapsed().as_secs().max(1), Ordering::Relaxed);
+                let spec = KeepaliveNodeReportSpec {
+                    last_scan: now,
+                    heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
+                    node_sysctls: node,
+                    verified_pods: pod_reports.iter().filter(|r| r.sysctls.is_some()).count() as i32,
+                    unverified_pods: pod_reports.iter().filter(|r| r.sysctls.is_none()).count() as i32,
+                    pods: pod_reports,
+                };
+                let last = written.as_ref().map(|(old, at)| (old, at.elapsed()));
+                if !write_due(last, &spec, Duration::from_secs(args.heartbeat_seconds)) {
+                    continue;
+                }
+                let object = serde_json::json!({
+                    "apiVersion": "keepalive.dev/v1alpha1",
+                    "kind": "KeepaliveNodeReport",
+                    "metadata": { "name": args.node_name },
+                    "spec": spec,
+                });
+                match reports
+                    .patch(&args.node_name, &PatchParams::apply(AGENT_MANAGER).force(), &Patch::Apply(&object))
+                    .await
+                {
+                    Ok(_) => {
+                        let verified = spec.verified_pods;
+                        let unverified = spec.unverified_pods;
+                        metrics.pods(PodRead::Verified, verified);
+                        metrics.pods(PodRead::Unverified, unverified);
+                        metrics.report_write(WriteOutcome::Written);
+                        written = Some((spec, std::time::Instant::now()));
+                        ready.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        metrics.report_write(WriteOutcome::Failed);
+                        tracing::warn!(error = %e, "writing the node report failed; retrying next scan");
+                    }
+                }
+            }
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// The agent holds four descriptors per pod (three sysctl files and a sock_diag socket): lift the soft limit on
+/// open files to the hard limit, as a node with 250 pods needs more than the usual 1024.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current < limit.maximum.or(Some(u64::MAX)) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+}
+
+/// Whether a report is written now: the first one; one whose readings changed (connection counts move all the
+/// time on a busy node: alone, they wait for the heartbeat); or any once the heartbeat is due. `last` is the
+/// report last written and how long ago.
+pub fn write_due(
+    last: Option<(&KeepaliveNodeReportSpec, Duration)>,
+    spec: &KeepaliveNodeReportSpec,
+    heartbeat: Duration,
+) -> bool {
+    last.is_none_or(|(old, ago)| ago >= heartbeat || without_counts(old) != without_counts(spec))
+}
+
+/// A report without what changes on every scan (the scan time, the connection counts and their readAt), to tell a
+/// change worth a write.
+fn without_counts(spec: &KeepaliveNodeReportSpec) -> KeepaliveNodeReportSpec {
+    KeepaliveNodeReportSpec {
+        last_scan: Time(Timestamp::UNIX_EPOCH),
+        pods: spec
+            .pods
+            .iter()
+            .map(|p| PodLiveReport {
+                established: 0,
+                keepalive: 0,
+                read_at: Time(Timestamp::UNIX_EPOCH),
+                ..p.clone()
+            })
+            .collect(),
+        ..spec.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn spec(at: i64, established: i32, time: i32) -> KeepaliveNodeReportSpec {
+        KeepaliveNodeReportSpec {
+            last_scan: Time(Timestamp::from_second(at).unwrap()),
+            heartbeat_seconds: 60,
+            node_sysctls: None,
+            verified_pods: 1,
+            unverified_pods: 0,
+            pods: vec![super::scanner::tests::reading(established, at, time)],
+        }
+    }
+
+    #[test]
+    fn writes_follow_changes_and_the_heartbeat() {
+        let heartbeat = Duration::from_secs(60);
+        let old = spec(100, 2, 60);
+        assert!(write_due(None, &old, heartbeat), "the first report");
+        let recent = Some((&old, Duration::from_secs(10)));
+        assert!(
+            !write_due(recent, &spec(110, 2, 60), heartbeat),
+            "only the scan time moved"
+        );
+        assert!(
+            !write_due(recent, &spec(110, 5, 60), heartbeat),
+            "counts alone wait for the heartbeat"
+        );
+        assert!(write_due(recent, &spec(110, 2, 300), heartbeat), "a value changed");
+        assert!(
+            write_due(Some((&old, heartbeat)), &spec(160, 2, 60), heartbeat),
+            "the heartbeat is due"
+        );
+    }
+}
