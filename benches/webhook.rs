@@ -18,6 +18,7 @@ use keepalive_operator::{
     policy::{ClusterFacts, PolicyEntry, PolicySet},
     runtime::{
         certs,
+        limits::{LimitArgs, RequestLimits},
         metrics::{Registry, encode_text},
         server,
     },
@@ -128,7 +129,10 @@ impl Result {
 async fn start(router: Router, config: Arc<rustls::ServerConfig>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(server::serve_tls(listener, config, router, std::future::pending()));
+    // Both servers run behind the production request limits, as the operator serves.
+    let limits = LimitArgs::default();
+    let router = RequestLimits::new(&limits).apply(router);
+    tokio::spawn(async move { server::serve_tls(listener, config, router, &limits, std::future::pending()).await });
     port
 }
 

@@ -38,6 +38,7 @@ use self::{
 use crate::{
     api::{AGENT_MANAGER, KeepaliveNodeReport, KeepaliveNodeReportSpec, PodLiveReport},
     runtime::{
+        limits::LimitArgs,
         listen::{OptionalListen, optional_listen},
         metrics::Registry,
         server, shutdown_signal,
@@ -93,7 +94,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         args.count_connections,
         args.count_every_scans,
     ));
-    raise_open_file_limit();
+    // Four descriptors per pod (three sysctl files and a sock_diag socket): a node with 250 pods needs more
+    // than the usual 1024.
+    crate::runtime::raise_open_file_limit();
     let mut registry = Registry::with_prefix("keepalive_agent");
     let metrics = AgentMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
@@ -118,7 +121,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             stuck_after: 3 * args.scan_interval_seconds + 30,
         };
         let router = admin::router(Arc::new(registry), health);
-        tokio::spawn(server::serve_plain(listener, router, shutdown_signal()));
+        tokio::spawn(
+            async move { server::serve_plain(listener, router, &LimitArgs::default(), shutdown_signal()).await },
+        );
     }
     let shutdown = shutdown_signal();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -197,22 +202,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = &mut shutdown => return Ok(()),
-        }
-    }
-}
-
-/// The agent holds four descriptors per pod (three sysctl files and a sock_diag socket): lift the soft limit on
-/// open files to the hard limit, as a node with 250 pods needs more than the usual 1024.
-fn raise_open_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current.is_some() && limit.current < limit.maximum.or(Some(u64::MAX)) {
-        let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
     }
 }

@@ -37,9 +37,13 @@ pub enum NamespaceChanges {
 type PolicyEntry = (String, Arc<KeepalivePolicy>);
 type NamespaceEntry = (String, BTreeMap<String, String>);
 
-/// The policy objects by name, as the watch delivers them.
+/// The policy objects by name, as the watch delivers them, and whether a spec changed since the set was last
+/// built (a status write alone changes nothing a decision reads).
 #[derive(Default)]
-struct Policies(BTreeMap<String, Arc<KeepalivePolicy>>);
+struct Policies {
+    objects: BTreeMap<String, Arc<KeepalivePolicy>>,
+    specs_changed: bool,
+}
 
 impl Index<KeepalivePolicy> for Policies {
     type Entry = PolicyEntry;
@@ -48,15 +52,21 @@ impl Index<KeepalivePolicy> for Policies {
         Some((policy.metadata.name.clone()?, Arc::new(policy)))
     }
     fn apply(&mut self, (name, policy): Self::Entry) {
-        self.0.insert(name, policy);
+        let same_spec = self
+            .objects
+            .get(&name)
+            .is_some_and(|old| old.metadata.generation == policy.metadata.generation && old.spec == policy.spec);
+        self.specs_changed |= !same_spec;
+        self.objects.insert(name, policy);
     }
     fn delete(&mut self, policy: KeepalivePolicy) {
         if let Some(name) = &policy.metadata.name {
-            self.0.remove(name);
+            self.specs_changed |= self.objects.remove(name).is_some();
         }
     }
     fn reset(&mut self, entries: Vec<Self::Entry>) {
-        self.0 = entries.into_iter().collect();
+        self.objects = entries.into_iter().collect();
+        self.specs_changed = true;
     }
 }
 
@@ -129,11 +139,12 @@ impl Caches {
                 let set = {
                     let mut guard = c.policies.lock().unwrap();
                     let (index, relist) = &mut *guard;
-                    if relist.handle(index, event) == Change::None || !relist.synced() {
+                    if relist.handle(index, event) == Change::None || !relist.synced() || !index.specs_changed {
                         continue;
                     }
+                    index.specs_changed = false;
                     c.policies_synced.store(true, Ordering::Release);
-                    PolicySet::from_policies(index.0.values().map(|p| p.as_ref()))
+                    PolicySet::from_policies(index.objects.values().map(|p| p.as_ref()))
                 };
                 m.cache_objects(Cache::Policies, set.len());
                 tracing::debug!(policies = set.len(), "policy set rebuilt");
@@ -178,7 +189,15 @@ impl Caches {
 
     /// The stored policy object, with its status.
     pub fn policy(&self, name: &str) -> Option<Arc<KeepalivePolicy>> {
-        self.policies.lock().unwrap().0.0.get(name).cloned()
+        self.policies.lock().unwrap().0.objects.get(name).cloned()
+    }
+
+    /// Every namespace with its labels; changes are tracked from here on.
+    pub fn all_namespaces(&self) -> Vec<(String, BTreeMap<String, String>)> {
+        let mut guard = self.namespaces.write().unwrap();
+        let index = &mut guard.0;
+        index.changes = Some(HashSet::new());
+        index.labels.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
     }
 
     /// Namespaces whose labels may have changed since the last call: `All` after a relist.

@@ -17,6 +17,7 @@ use crate::{
     policy::ClusterFacts,
     runtime::{
         certs::{self, TlsArgs},
+        limits::{LimitArgs, RequestLimits},
         listen::{OptionalListen, optional_listen},
         metrics::Registry,
         server, shutdown_signal,
@@ -38,6 +39,12 @@ pub struct Args {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub leader: LeaderArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// On SIGTERM, /readyz fails and the webhook keeps answering this many seconds (while the apiserver's
+    /// connections move to other replicas) before it closes its connections gracefully and exits.
+    #[arg(long, env = "KEEPALIVE_DRAIN_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub drain_seconds: u64,
 }
 
 /// What the operator may assume about the cluster's kubelets.
@@ -70,12 +77,14 @@ pub async fn run(args: Args) -> Result<()> {
              (pass --kubelet-allows-keepalive-sysctls if they run with --allowed-unsafe-sysctls)"
         );
     }
+    crate::runtime::raise_open_file_limit();
     let mut registry = Registry::with_prefix("keepalive");
     let metrics = ControllerMetrics::register(&mut registry);
     let caches = Caches::start(client.clone(), metrics.clone());
     let certs = certs::start(&args.tls, client.clone()).await?;
     let webhook = Arc::new(Webhook::new(caches.clone(), cluster, &mut registry));
-    let router = webhook::router(webhook).merge(crate::runtime::metrics::router(Arc::new(registry)));
+    let router = RequestLimits::new(&args.limits)
+        .apply(webhook::router(webhook.clone()).merge(crate::runtime::metrics::router(Arc::new(registry))));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
@@ -91,11 +100,33 @@ pub async fn run(args: Args) -> Result<()> {
 
     let listener = server::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, version = %version.git_version, "webhook serving");
-    let https = server::serve_tls(listener, server::tls_config(certs), router.clone(), shutdown_signal());
+    // SIGTERM: not ready at once (no new connections are routed here), answer for the drain period, then close.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let drain = std::time::Duration::from_secs(args.drain_seconds);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        webhook.start_draining();
+        tracing::info!(
+            seconds = drain.as_secs(),
+            "draining: /readyz fails, reviews are still answered"
+        );
+        tokio::time::sleep(drain).await;
+        let _ = closing_tx.send(true);
+    });
+    let closed = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|closing| *closing).await;
+    };
+    let https = server::serve_tls(
+        listener,
+        server::tls_config(certs),
+        router.clone(),
+        &args.limits,
+        closed(closing.clone()),
+    );
     match args.admin_listen.0 {
         Some(addr) => {
             let admin = server::bind(addr).await?;
-            tokio::join!(https, server::serve_plain(admin, router, shutdown_signal()));
+            tokio::join!(https, server::serve_plain(admin, router, &args.limits, closed(closing)));
         }
         None => https.await,
     }

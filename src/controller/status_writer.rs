@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
-    policy::{ClusterFacts, PolicySet, Reason},
+    policy::{ClusterFacts, Reason},
     runtime::watch::{Index, Relist},
 };
 
@@ -77,8 +77,33 @@ impl StatusWriter {
         }
     }
 
-    /// Runs until `shutdown` fires. Watches pods itself; policies and namespaces come from the shared caches.
-    pub async fn run(mut self, leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` fires. Only while this replica leads does it watch pods and node reports (a
+    /// follower's memory does not grow with the cluster's pods); policies and namespaces come from the shared
+    /// caches. Losing the lead drops everything the leader held.
+    pub async fn run(mut self, mut leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                led = leading.wait_for(|leading| *leading) => if led.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            self.metrics.leader.set(1);
+            let go_on = self.lead(&mut leading, &mut shutdown).await;
+            self.metrics.leader.set(0);
+            self.state = Conformance::new(self.cluster);
+            self.reports_unreadable = false;
+            self.pending.clear();
+            self.last_write.clear();
+            self.last_status.clear();
+            self.metrics.cache_objects(Cache::Pods, 0);
+            if !go_on {
+                return;
+            }
+            tracing::info!("no longer leading: pod and node report watches stopped");
+        }
+    }
+
+    /// One term as leader: returns `true` when the lead is lost, `false` on shutdown or when a watch ends.
+    async fn lead(&mut self, leading: &mut watch::Receiver<bool>, shutdown: &mut watch::Receiver<bool>) -> bool {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut pods = std::pin::pin!(pods);
         let mut pod_relist = Relist::default();
@@ -90,9 +115,10 @@ impl StatusWriter {
         let mut reports = std::pin::pin!(reports);
         let mut report_relist = Relist::default();
         let mut tick = tokio::time::interval(TICK);
-        let mut policies = Arc::new(PolicySet::default());
         let mut changes = self.caches.subscribe();
-        changes.mark_changed();
+        let mut policies = crate::webhook::Lookup::policies(&*self.caches);
+        self.state.set_policies(policies.clone());
+        self.state.replace_namespaces(self.caches.all_namespaces());
         loop {
             tokio::select! {
                 event = pods.next() => match event {
@@ -100,7 +126,7 @@ impl StatusWriter {
                         pod_relist.handle(&mut self.state, event);
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
-                    None => return,
+                    None => return false,
                 },
                 event = reports.next() => match event {
                     Some(Ok(event)) => {
@@ -117,7 +143,7 @@ impl StatusWriter {
                             tracing::warn!(error = %e, "node report watch failed; retrying");
                         }
                     }
-                    None => return,
+                    None => return false,
                 },
                 _ = changes.changed() => {
                     let current = crate::webhook::Lookup::policies(&*self.caches);
@@ -138,17 +164,21 @@ impl StatusWriter {
                         }
                     }
                 }
+                _ = leading.changed() => {
+                    if !*leading.borrow_and_update() {
+                        return true;
+                    }
+                }
                 _ = tick.tick() => {
                     self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
                     let leader = *leading.borrow();
-                    self.metrics.leader.set(i64::from(leader));
                     let reports_synced = report_relist.synced() || self.reports_unreadable;
                     if leader && pod_relist.synced() && reports_synced && crate::webhook::Lookup::ready(&*self.caches) {
                         self.write_statuses().await;
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return false,
             }
         }
     }

@@ -6,7 +6,14 @@
 
 mod review;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -127,6 +134,8 @@ pub struct Webhook<L> {
     pub lookup: Arc<L>,
     pub cluster: ClusterFacts,
     pub metrics: WebhookMetrics,
+    /// Set on shutdown: /readyz fails while reviews are still answered.
+    draining: AtomicBool,
 }
 
 /// The HTTP routes: `/mutate`, `/livez`, `/readyz` (`/metrics` is the process's, merged by the caller).
@@ -139,7 +148,9 @@ pub fn router<L: Lookup>(webhook: Arc<Webhook<L>>) -> Router {
 }
 
 async fn readyz<L: Lookup>(State(w): State<Arc<Webhook<L>>>) -> HttpResponse {
-    if w.lookup.ready() {
+    if w.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if w.lookup.ready() {
         "ok".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
@@ -170,7 +181,13 @@ impl<L: Lookup> Webhook<L> {
             lookup,
             cluster,
             metrics: WebhookMetrics::register(registry),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// From now on /readyz fails; reviews are still answered.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Answers one review: the metric outcome and the response. Never fails: whatever goes wrong, the pod is

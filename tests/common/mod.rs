@@ -94,6 +94,11 @@ impl HostProcess {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -159,6 +164,10 @@ impl Operator {
     /// SIGKILL: no clean shutdown, no lease release.
     pub fn kill_hard(&mut self) {
         self.process.kill_hard();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 
     pub fn running(&mut self) -> bool {
