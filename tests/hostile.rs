@@ -343,3 +343,69 @@ async fn hostile_clients_cannot_exhaust_the_webhook() {
     );
     assert!(op.logs().lines().all(|l| !l.contains("panicked")), "{}", op.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_before_closing() {
+    let cp = control_plane();
+    let (ca, cert, key) = write_serving_cert(cp.work_dir());
+    let mut op = Operator::start(
+        cp,
+        "drain",
+        &[
+            &format!("--tls-cert-file={}", cert.display()),
+            &format!("--tls-key-file={}", key.display()),
+            "--drain-seconds=4",
+        ],
+    );
+    let tls = connector(&ca, b"http/1.1");
+    let body = review("drain");
+    let conn = connect(&tls, op.port, [127, 0, 0, 2]).await.unwrap();
+    let (mut apiserver, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    assert_eq!(send_review(&mut apiserver, &body).await.0, 200);
+
+    let pid = rustix::process::Pid::from_raw(op.pid().unwrap() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let term = Instant::now();
+    // Not ready at once, so no new connections are routed here ...
+    let admin = op.admin_port;
+    eventually(Duration::from_secs(2), "/readyz to fail", || async move {
+        let (status, body) = xtask::cluster::http_get(admin, "/readyz")?;
+        (status == 503 && body.contains("draining")).then_some(())
+    })
+    .await;
+    // ... while the kept connection and new ones are still answered during the drain.
+    let mut answered = 0;
+    while term.elapsed() < Duration::from_secs(3) {
+        let (status, response) = send_review(&mut apiserver, &body).await;
+        assert_eq!(status, 200, "{response}");
+        let mut fresh = match connect(&tls, op.port, [127, 0, 0, 2]).await {
+            Ok(conn) => conn,
+            Err(e) => panic!("a new connection during the drain: {e}\n{}", op.logs()),
+        };
+        fresh
+            .write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        fresh.read_to_string(&mut reply).await.unwrap_or_default();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answered >= 2, "reviews answered during the drain: {answered}");
+    // Then the connection is closed gracefully and the process exits.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the kept connection closed after the drain")
+        .unwrap()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the process to exit", || {
+        let running = op.running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+    let closed = term.elapsed();
+    println!("SIGTERM: drained and exited after {:.1} s", closed.as_secs_f64());
+    assert!(closed >= Duration::from_secs(4), "exited before the drain period ended");
+}
