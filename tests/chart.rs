@@ -343,6 +343,43 @@ fn options_render_as_documented() {
     );
 }
 
+#[test]
+fn drain_and_server_limits_reach_the_operator() {
+    let objects = template(
+        "1.35.0",
+        &["operator.drainSeconds=7", "operator.limits.maxConnections=99"],
+    );
+    let deployment = find(&objects, "Deployment", FULLNAME).expect("the operator Deployment");
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(spec["terminationGracePeriodSeconds"], 30);
+    let args = strings(&spec["containers"][0]["args"]);
+    for arg in [
+        "--drain-seconds=7",
+        "--max-connections=99",
+        "--request-timeout-seconds=4",
+        "--header-read-timeout-seconds=20",
+        "--max-body-bytes=4194304",
+    ] {
+        assert!(args.contains(&arg), "{arg} in {args:?}");
+    }
+    // The webhook must answer before the apiserver gives up, and Kubernetes must wait for the drain.
+    let chart = chart_dir();
+    let render = |set: &str| {
+        run_helm(&[
+            "template",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--kube-version",
+            "1.35.0",
+            "--set",
+            set,
+        ])
+        .expect_err("refused")
+    };
+    assert!(render("operator.limits.requestTimeoutSeconds=5").contains("must be below webhook.timeoutSeconds"));
+    assert!(render("operator.terminationGracePeriodSeconds=5").contains("at least operator.drainSeconds"));
+}
+
 /// No request of the process was refused by RBAC.
 fn assert_never_forbidden(process: &HostProcess) {
     let logs = process.logs();
