@@ -18,7 +18,9 @@
 #    clients connect): the first probe after 20 s of idle, an answered probe followed by the next after 20 s,
 #    then, with the server's answers dropped, probes every 5 s and the reset after 3; `ss -o` timers in the
 #    pod's namespace; a client without the policy keeps the 7200 s default and sends no probe; a pod created
-#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back;
+#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back; pods
+#    created in a loop through a `kubectl rollout restart` of the operator's 2 replicas: none rejected, none
+#    without its sysctls (the replicas drain on SIGTERM);
 # 5. a PASS/FAIL summary, and hack/node.sh down (unless --keep).
 set -euo pipefail
 
@@ -401,6 +403,72 @@ kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}  violation: 
 if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; then
   pass "operator back: policy status lists pod 'late' as NotMutated"
 else fail "operator back: 'late' not NotMutated in the policy status"; fi
+
+# --- pod creation through a rolling restart of the operator -------------------------------------------------------------
+stage="rollout restart"
+RNS=e2e-rollout
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $RNS
+  labels: {e2e: rollout}
+---
+apiVersion: keepalive.dev/v1alpha1
+kind: KeepalivePolicy
+metadata:
+  name: e2e-rollout
+spec:
+  namespaceSelector: {matchLabels: {e2e: rollout}}
+  keepalive: {time: 240, interval: 15, probes: 4}
+EOF
+rollout_pod() { # rollout_pod NAME: a pod that stays Pending (no node matches it)
+  printf 'apiVersion: v1\nkind: Pod\nmetadata: {name: %s}\nspec: {nodeSelector: {keepalive.dev/nowhere: "true"}, containers: [{name: c, image: %s}]}\n' \
+    "$1" "$WORKLOAD_IMAGE"
+}
+# The policy reaches both replicas' caches before the loop starts.
+deadline=$((SECONDS + 30))
+until [[ $(rollout_pod probe | kubectl create -n "$RNS" --dry-run=server -o jsonpath='{.spec.securityContext.sysctls[0].value}' -f - 2>/dev/null) == 240 ]]; do
+  ((SECONDS < deadline)) || break
+  sleep 1
+done
+# Pods created one after another while the operator's 2 replicas are replaced: each create goes through the
+# webhook of whichever replica the apiserver picks.
+rollout_dir="$(mktemp -d)"
+(
+  i=0 rejected=0
+  while [[ ! -e $rollout_dir/done ]] || ((i < 200)); do
+    rollout_pod "r$i" | kubectl create -n "$RNS" -f - >/dev/null 2>>"$rollout_dir/errors" || rejected=$((rejected + 1))
+    i=$((i + 1))
+  done
+  echo "$i $rejected" >"$rollout_dir/count"
+) &
+creator=$!
+sleep 2
+t=$SECONDS
+kubectl rollout restart -n "$REL_NS" "$operator_deploy" >/dev/null
+if kubectl rollout status -n "$REL_NS" "$operator_deploy" --timeout=240s >/dev/null; then
+  pass "kubectl rollout restart of the operator (2 replicas) completed in $((SECONDS - t)) s while pods were created"
+else fail "kubectl rollout restart of the operator did not complete"; fi
+touch "$rollout_dir/done"
+wait "$creator" || true
+created=0 rejected=unknown
+[[ -f $rollout_dir/count ]] && read -r created rejected <"$rollout_dir/count"
+listed="$(kubectl get pods -n "$RNS" -o name | wc -l)"
+without="$(kubectl get pods -n "$RNS" -o jsonpath='{range .items[*]}{.metadata.name}={.spec.securityContext.sysctls[*].name}{"\n"}{end}' |
+  awk -F= '!/tcp_keepalive_time/ || !/tcp_keepalive_intvl/ || !/tcp_keepalive_probes/ {n++} END {print n + 0}')"
+echo "  created $created pods, rejected $rejected, listed $listed, without their sysctls $without"
+if [[ $rejected == 0 && $listed == "$created" && $created -ge 200 ]]; then
+  pass "rollout restart: $created pods created, 0 rejected"
+else
+  fail "rollout restart: $rejected of $created pods rejected ($listed listed)"
+  sed -n 1,20p "$rollout_dir/errors"
+fi
+[[ $without == 0 && $listed -ge 200 ]] && pass "rollout restart: all $listed pods carry the policy's sysctls" \
+  || fail "rollout restart: $without of $listed pods created without their sysctls"
+kubectl delete namespace "$RNS" --wait=false >/dev/null
+kubectl delete keepalivepolicy e2e-rollout >/dev/null
+rm -rf "$rollout_dir"
 
 stage="done"
 say "e2e took $((SECONDS - t_start)) s"
