@@ -54,7 +54,9 @@ pub struct ReviewedMeta {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    /// Only whether it is there: the patch adds to it. Anything but an object (or null) is refused, so a patch
+    /// never addresses a member of a list or a string.
+    #[serde(default, deserialize_with = "object_or_null")]
     pub annotations: Option<IgnoredAny>,
 }
 

@@ -6,6 +6,8 @@
 //!                         `test` when run as root)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
+//!   cargo xtask fuzz [N]  N generated AdmissionReviews (default 10 000 000) through the webhook's parse + answer,
+//!                         release build (CI runs a short run of the same test)
 
 use std::process::{Command, ExitCode};
 
@@ -19,11 +21,14 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
         Some("e2e") => e2e(),
+        Some("fuzz") => fuzz(args.get(1).map(String::as_str).unwrap_or("10000000")),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
-            eprintln!("usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | cluster | tools [NAME...]");
+            eprintln!(
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | cluster | tools [NAME...] | fuzz [CASES]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -137,6 +142,19 @@ fn test(extra: &[String]) -> Result<()> {
         bail!("the end-to-end test on a real node failed (hack/e2e.sh)");
     }
     Ok(())
+}
+
+/// The generated-review fuzz test (tests/fuzz_review.rs) with `cases` cases, in release mode.
+fn fuzz(cases: &str) -> Result<()> {
+    let n: u64 = cases
+        .parse()
+        .with_context(|| format!("not a number of cases: {cases}"))?;
+    step(&format!(
+        "Fuzzing the webhook's parse + answer with {n} generated reviews (release build)"
+    ));
+    run(cargo()
+        .args(["test", "--release", "--test", "fuzz_review", "--", "--nocapture"])
+        .env("KEEPALIVE_FUZZ_CASES", n.to_string()))
 }
 
 /// `hack/e2e.sh`: a real single-node cluster (kubelet, containerd, CNI), the chart, and keepalive probes on the
