@@ -116,6 +116,7 @@ impl StatusWriter {
         let mut report_relist = Relist::default();
         let mut tick = tokio::time::interval(TICK);
         let mut changes = self.caches.subscribe();
+        let mut leadership_settled = false;
         let mut policies = crate::webhook::Lookup::policies(&*self.caches);
         self.state.set_policies(policies.clone());
         self.state.replace_namespaces(self.caches.all_namespaces());
@@ -164,11 +165,12 @@ impl StatusWriter {
                         }
                     }
                 }
-                _ = leading.changed() => {
-                    if !*leading.borrow_and_update() {
-                        return true;
-                    }
-                }
+                changed = leading.changed(), if !leadership_settled => match changed {
+                    Ok(()) if !*leading.borrow_and_update() => return true,
+                    Ok(()) => {}
+                    // The election ended (leader election off): this replica leads for good.
+                    Err(_) => leadership_settled = true,
+                },
                 _ = tick.tick() => {
                     self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
