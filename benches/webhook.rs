@@ -211,7 +211,7 @@ fn main() {
         let pki = certs::issue(&["127.0.0.1".to_string()], None).unwrap();
         let store = Arc::new(certs::CertStore::default());
         store.set_pem(pki.cert.as_bytes(), pki.key.as_bytes()).unwrap();
-        let config = server::tls_config(store);
+        let config = server::tls_config(store, None).unwrap();
         let namespaces = [("shop".to_string(), BTreeMap::from([("team".to_string(), "shop".to_string())]))];
         let mut registry = Registry::with_prefix("keepalive");
         let lookup = Fixed {

@@ -362,6 +362,14 @@ fn drain_and_server_limits_reach_the_operator() {
     ] {
         assert!(args.contains(&arg), "{arg} in {args:?}");
     }
+    // The apiserver's client certificate checked against a CA from a ConfigMap.
+    let objects = template("1.35.0", &["webhook.clientCAConfigMap=apiserver-ca"]);
+    let spec = &find(&objects, "Deployment", FULLNAME).unwrap()["spec"]["template"]["spec"];
+    assert!(
+        strings(&spec["containers"][0]["args"])
+            .contains(&"--tls-client-ca-file=/etc/keepalive-operator/client-ca/ca.crt")
+    );
+    assert_eq!(spec["volumes"][0]["configMap"]["name"], "apiserver-ca");
     // The webhook must answer before the apiserver gives up, and Kubernetes must wait for the drain.
     let chart = chart_dir();
     let render = |set: &str| {

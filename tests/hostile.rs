@@ -409,3 +409,92 @@ async fn sigterm_drains_before_closing() {
     println!("SIGTERM: drained and exited after {:.1} s", closed.as_secs_f64());
     assert!(closed >= Duration::from_secs(4), "exited before the drain period ended");
 }
+
+/// A CA and a client certificate it signed (ClientAuth), as PEM: (ca, cert, key).
+fn client_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["kube-apiserver".to_string()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    (
+        ca_pem,
+        params.signed_by(&key, &issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_clients_with_the_configured_ca_get_an_answer() {
+    let cp = control_plane();
+    let (ca, cert, key) = write_serving_cert(cp.work_dir());
+    let (client_ca, client_cert, client_key) = client_pki();
+    let client_ca_file = cp.work_dir().join("client-ca.crt");
+    std::fs::write(&client_ca_file, &client_ca).unwrap();
+    let op = Operator::start(
+        cp,
+        "client-ca",
+        &[
+            &format!("--tls-cert-file={}", cert.display()),
+            &format!("--tls-key-file={}", key.display()),
+            &format!("--tls-client-ca-file={}", client_ca_file.display()),
+        ],
+    );
+    let body = review("client-ca");
+    let ask = |tls: TlsConnector| {
+        let body = body.clone();
+        async move {
+            let conn = connect(&tls, op.port, [127, 0, 0, 2]).await?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(connection);
+            let request = hyper::Request::post("/mutate")
+                .header("host", "127.0.0.1")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
+            Ok::<u16, std::io::Error>(response.status().as_u16())
+        }
+    };
+    // Without a client certificate: no answer (TLS 1.3 reports the refusal on the first read).
+    assert!(
+        ask(connector(&ca, b"http/1.1")).await.is_err(),
+        "answered a client without a certificate"
+    );
+    // With a certificate of another CA: refused too.
+    let (_, other_cert, other_key) = client_pki();
+    assert!(
+        ask(client_connector(&ca, &other_cert, &other_key)).await.is_err(),
+        "answered a foreign client"
+    );
+    // With the apiserver's certificate: answered.
+    assert_eq!(
+        ask(client_connector(&ca, &client_cert, &client_key)).await.unwrap(),
+        200
+    );
+}
+
+fn client_connector(ca_pem: &str, cert_pem: &str, key_pem: &str) -> TlsConnector {
+    use rustls_pki_types::PrivateKeyDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    TlsConnector::from(Arc::new(config))
+}

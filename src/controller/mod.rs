@@ -41,6 +41,10 @@ pub struct Args {
     pub leader: LeaderArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// PEM CA file: when set, the webhook accepts only clients with a certificate this CA signed (configure the
+    /// apiserver's admission kubeconfig to present one). Read at start.
+    #[arg(long, env = "KEEPALIVE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
     /// On SIGTERM, /readyz fails and the webhook keeps answering this many seconds (while the apiserver's
     /// connections move to other replicas) before it closes its connections gracefully and exits.
     #[arg(long, env = "KEEPALIVE_DRAIN_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
@@ -116,13 +120,12 @@ pub async fn run(args: Args) -> Result<()> {
     let closed = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|closing| *closing).await;
     };
-    let https = server::serve_tls(
-        listener,
-        server::tls_config(certs),
-        router.clone(),
-        &args.limits,
-        closed(closing.clone()),
-    );
+    let client_ca = match &args.tls_client_ca_file {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?),
+        None => None,
+    };
+    let tls = server::tls_config(certs, client_ca.as_deref())?;
+    let https = server::serve_tls(listener, tls, router.clone(), &args.limits, closed(closing.clone()));
     match args.admin_listen.0 {
         Some(addr) => {
             let admin = server::bind(addr).await?;

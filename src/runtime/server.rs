@@ -14,6 +14,7 @@ use hyper_util::{
     },
     service::TowerToHyperService,
 };
+use rustls_pki_types::pem::PemObject;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -28,16 +29,35 @@ use super::limits::LimitArgs;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A rustls server configuration whose certificate comes from `resolver` on every handshake, so a new
-/// certificate takes effect without a restart.
-pub fn tls_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {
+/// certificate takes effect without a restart. With `client_ca` (PEM), every client must present a certificate
+/// that CA signed (the apiserver's admission client certificate); others fail the handshake.
+pub fn tls_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    client_ca: Option<&[u8]>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .expect("TLS 1.2 and 1.3 are supported by ring")
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .expect("TLS 1.2 and 1.3 are supported by ring");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                roots
+                    .add(cert.context("parsing the client CA PEM")?)
+                    .context("adding the client CA")?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "no certificate in the client CA PEM");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Arc::new(config)
+    Ok(Arc::new(config))
 }
 
 /// A listener's connection handling: the HTTP builder with the limits, the open-connection bound and the
