@@ -229,15 +229,11 @@ async fn the_other_replica_takes_over_when_the_leader_dies() {
     status_where(&client, "failover", "1 matched pod", |s| counts(s).0 == 1).await;
 
     let is_leader = |op: &Operator| op.metrics().lines().any(|l| l == "keepalive_leader 1");
-    let a_leads = eventually(Duration::from_secs(20), "exactly one leader", || async {
-        match (is_leader(&a), is_leader(&b)) {
-            (true, false) => Some(true),
-            (false, true) => Some(false),
-            _ => None,
-        }
-    })
-    .await;
-    let (leader, other) = if a_leads { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (leader, other) = if a_leads(&a, &b).await {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
     // SIGKILL: no clean release of the lease, as when a node dies.
     leader.kill_hard();
     let killed = Instant::now();

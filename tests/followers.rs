@@ -13,16 +13,6 @@ use serde_json::json;
 
 const PODS: usize = 10_000;
 
-/// VmRSS of a process in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_does_not_hold_the_clusters_pods() {
     // Its own control plane: ten thousand pods would slow every other test's operator down.
@@ -40,16 +30,7 @@ async fn a_follower_does_not_hold_the_clusters_pods() {
     let args = ["--lease-name=crowd", "--namespace=keepalive-system"];
     let a = Operator::start(&cp, "crowd-a", &args);
     let b = Operator::start(&cp, "crowd-b", &args);
-    let is_leader = |op: &Operator| op.metrics().lines().any(|l| l == "keepalive_leader 1");
-    let a_leads = eventually(Duration::from_secs(20), "exactly one leader", || async {
-        match (is_leader(&a), is_leader(&b)) {
-            (true, false) => Some(true),
-            (false, true) => Some(false),
-            _ => None,
-        }
-    })
-    .await;
-    let (leader, follower) = if a_leads { (&a, &b) } else { (&b, &a) };
+    let (leader, follower) = if a_leads(&a, &b).await { (&a, &b) } else { (&b, &a) };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (leader_before, follower_before) = (rss_mib(leader.pid().unwrap()), rss_mib(follower.pid().unwrap()));
 

@@ -295,3 +295,26 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The resident memory of a process, in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Whether `a` (not `b`) leads, once exactly one of the two says so on its metrics.
+pub async fn a_leads(a: &Operator, b: &Operator) -> bool {
+    let is_leader = |op: &Operator| op.metrics().lines().any(|l| l == "keepalive_leader 1");
+    eventually(Duration::from_secs(20), "exactly one leader", || async {
+        match (is_leader(a), is_leader(b)) {
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            _ => None,
+        }
+    })
+    .await
+}
