@@ -76,6 +76,7 @@ pub async fn run(args: Args) -> Result<()> {
     let certs = certs::start(&args.tls, client.clone()).await?;
     let webhook = Arc::new(Webhook::new(caches.clone(), cluster, &mut registry));
     let router = webhook::router(webhook).merge(crate::runtime::metrics::router(Arc::new(registry)));
+    let router = certs::gate_readiness(router, certs.clone());
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);
