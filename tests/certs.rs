@@ -507,7 +507,10 @@ async fn ca_rotation_with_two_replicas_fails_no_admission() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     let expected = tallies[0].lock().unwrap().answered + tallies[2].lock().unwrap().answered;
-    assert!(reviews >= expected as f64, "replica 0 answered {reviews} reviews, expected {expected}");
+    assert!(
+        reviews >= expected as f64,
+        "replica 0 answered {reviews} reviews, expected {expected}"
+    );
     let s = Arc::into_inner(s).expect("the loops are done");
     for mut op in s.ops {
         assert!(op.running(), "a replica exited:\n{}", op.logs());

@@ -275,7 +275,8 @@ impl Manager {
     /// A phase holds once the caBundle is in sync and, in phase 2, this replica serves the new certificate; the
     /// overlap counts from the first pass that sees it holding.
     fn observe_phase(&mut self, pki: &Pki, in_sync: bool) {
-        let serving_current = self.store.served_der().is_some() && self.store.served_der() == first_der(&pki.cert);
+        let served = self.store.served_der();
+        let serving_current = served.is_some() && served == first_der(&pki.cert);
         let holding = Self::phase_of(pki).filter(|_| in_sync && serving_current);
         match (&self.phase, holding) {
             (Some((seen, _)), Some(now)) if *seen == now => {}
@@ -294,6 +295,7 @@ impl Manager {
         if let Some((_, since)) = &self.phase {
             wake = wake.min(*since + self.settings.lifetimes.tls_ca_overlap.std());
         }
-        wake
+        // Never a busy loop, whatever the dates say.
+        wake.max(Instant::now() + Duration::from_millis(100))
     }
 }

@@ -333,3 +333,20 @@ fn spans_parse_with_a_unit() {
     }
     assert!(Lifetimes::default().check().is_ok());
 }
+
+#[test]
+fn the_store_refuses_a_foreign_key_and_is_unusable_outside_the_validity() {
+    let now = OffsetDateTime::now_utc();
+    let (good, other) = (fresh(now), fresh(now));
+    let store = CertStore::default();
+    assert!(!store.usable(), "nothing loaded");
+    let refused = store.set_pem(good.cert.as_bytes(), other.key.as_bytes()).unwrap_err();
+    assert!(format!("{refused:#}").contains("does not belong"), "{refused:#}");
+    assert!(store.set_pem(b"garbage", good.key.as_bytes()).is_err());
+    assert!(!store.usable());
+    store.set_pem(good.cert.as_bytes(), good.key.as_bytes()).unwrap();
+    assert!(store.usable());
+    let old = fresh(now - Duration::days(400));
+    store.set_pem(old.cert.as_bytes(), old.key.as_bytes()).unwrap();
+    assert!(!store.usable(), "an expired certificate is served but not usable");
+}
