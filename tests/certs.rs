@@ -22,7 +22,7 @@ use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     core::v1::{Pod, Secret},
 };
-use keepalive_operator::runtime::certs::Pki;
+use keepalive_operator::runtime::certs::{Lifetimes, Pki, Settings, Step, apply};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
@@ -515,4 +515,45 @@ async fn ca_rotation_with_two_replicas_fails_no_admission() {
     for mut op in s.ops {
         assert!(op.running(), "a replica exited:\n{}", op.logs());
     }
+}
+
+#[tokio::test]
+async fn readyz_is_not_ok_while_the_served_certificate_is_expired() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cp = control_plane();
+    let dir = cp.work_dir().join("certs-readyz");
+    std::fs::create_dir_all(&dir).unwrap();
+    let settings = Settings {
+        dns_names: vec!["127.0.0.1".into()],
+        lifetimes: Lifetimes::default(),
+    };
+    let issued_long_ago = OffsetDateTime::now_utc() - days(400);
+    let expired = apply(Step::ReplaceCa, &Pki::default(), None, &settings, issued_long_ago).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert, &expired.cert).unwrap();
+    std::fs::write(&key, &expired.key).unwrap();
+    let admin_port = xtask::cluster::free_port().unwrap();
+    let args: Vec<String> = vec![
+        "controller".into(),
+        format!("--listen=127.0.0.1:{}", xtask::cluster::free_port().unwrap()),
+        format!("--admin-listen=127.0.0.1:{admin_port}"),
+        format!("--tls-cert-file={}", cert.display()),
+        format!("--tls-key-file={}", key.display()),
+        "--leader-elect=false".into(),
+    ];
+    let mut op = HostProcess::spawn(cp, "certs-readyz", &args, cp.kubeconfig());
+    let readyz = || xtask::cluster::http_get(admin_port, "/readyz");
+    let refused = eventually(Duration::from_secs(30), "/readyz to answer", || async { readyz() }).await;
+    assert_eq!(
+        refused,
+        (503, "serving certificate not usable".to_string()),
+        "{}",
+        op.logs()
+    );
+    // A valid pair in the files: reloaded, and ready.
+    let fresh = keepalive_operator::runtime::certs::issue(&["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(&key, &fresh.key).unwrap();
+    std::fs::write(&cert, &fresh.cert).unwrap();
+    op.wait_ready(admin_port);
+    assert!(op.running());
 }
