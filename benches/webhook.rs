@@ -208,7 +208,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let pki = certs::issue(&["127.0.0.1".to_string()], None).unwrap();
+        let pki = certs::issue(&["127.0.0.1".to_string()]).unwrap();
         let store = Arc::new(certs::CertStore::default());
         store.set_pem(pki.cert.as_bytes(), pki.key.as_bytes()).unwrap();
         let config = server::tls_config(store, None).unwrap();

@@ -625,6 +625,8 @@ async fn install_upgrade_uninstall_with_least_privilege() {
             "events.k8s.io events create",
             "events.k8s.io events patch",
             "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator get",
+            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator list",
+            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator watch",
             "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator patch",
         ])
     );
@@ -636,6 +638,8 @@ async fn install_upgrade_uninstall_with_least_privilege() {
             "coordination.k8s.io leases/ka-keepalive-operator update",
             "core secrets create",
             "core secrets/ka-keepalive-operator-webhook-tls get",
+            "core secrets/ka-keepalive-operator-webhook-tls list",
+            "core secrets/ka-keepalive-operator-webhook-tls watch",
             "core secrets/ka-keepalive-operator-webhook-tls update",
         ])
     );

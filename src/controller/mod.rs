@@ -87,8 +87,8 @@ pub async fn run(args: Args) -> Result<()> {
     let caches = Caches::start(client.clone(), metrics.clone());
     let certs = certs::start(&args.tls, client.clone()).await?;
     let webhook = Arc::new(Webhook::new(caches.clone(), cluster, &mut registry));
-    let router = RequestLimits::new(&args.limits)
-        .apply(webhook::router(webhook.clone()).merge(crate::runtime::metrics::router(Arc::new(registry))));
+    let router = webhook::router(webhook.clone()).merge(crate::runtime::metrics::router(Arc::new(registry)));
+    let router = RequestLimits::new(&args.limits).apply(certs::gate_readiness(router, certs.clone()));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (leading_tx, leading) = tokio::sync::watch::channel(false);

@@ -31,8 +31,7 @@ pub fn control_plane() -> &'static ControlPlane {
 
 /// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`: (ca.crt, tls.crt, tls.key).
 pub fn write_serving_cert(dir: &Path) -> (String, PathBuf, PathBuf) {
-    let pki =
-        keepalive_operator::runtime::certs::issue(&["127.0.0.1".to_string(), "localhost".to_string()], None).unwrap();
+    let pki = keepalive_operator::runtime::certs::issue(&["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert, &pki.cert).unwrap();
     std::fs::write(&key, &pki.key).unwrap();
