@@ -216,8 +216,9 @@ async fn the_other_replica_takes_over_when_the_leader_dies() {
     let cp = control_plane();
     let client = cp.client().await.unwrap();
     ensure_namespace(&client, "keepalive-system").await;
-    let mut a = operator(cp, "failover", &[]);
-    let mut b = operator(cp, "failover", &[]);
+    // Two identities: with one (the same POD_NAME) both replicas would renew the same holder's lease.
+    let mut a = operator(cp, "failover", &["--identity=failover-a"]);
+    let mut b = operator(cp, "failover", &["--identity=failover-b"]);
     namespace(&client, "failover", &[("test", "failover")]).await;
     create_policy(
         &client,

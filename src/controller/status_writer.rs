@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use super::{
     caches::{Caches, NamespaceChanges},
     conformance::{self, Conformance, NodeLive},
+    leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
 };
 use crate::{
@@ -78,7 +79,7 @@ impl StatusWriter {
     }
 
     /// Runs until `shutdown` fires. Watches pods itself; policies and namespaces come from the shared caches.
-    pub async fn run(mut self, leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, leading: Leadership, mut shutdown: watch::Receiver<bool>) {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut pods = std::pin::pin!(pods);
         let mut pod_relist = Relist::default();
@@ -141,11 +142,10 @@ impl StatusWriter {
                 _ = tick.tick() => {
                     self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
-                    let leader = *leading.borrow();
-                    self.metrics.leader.set(i64::from(leader));
+                    let leader = leading.is_leading_now();
                     let reports_synced = report_relist.synced() || self.reports_unreadable;
                     if leader && pod_relist.synced() && reports_synced && crate::webhook::Lookup::ready(&*self.caches) {
-                        self.write_statuses().await;
+                        self.write_statuses(&leading).await;
                     }
                 }
                 _ = shutdown.changed() => return,
@@ -153,7 +153,7 @@ impl StatusWriter {
         }
     }
 
-    async fn write_statuses(&mut self) {
+    async fn write_statuses(&mut self, leading: &Leadership) {
         self.pending.extend(self.state.take_dirty());
         // A policy never written by this replica (new, or a new leader) is written once even without changes.
         for entry in self.state.policies().entries() {
@@ -205,6 +205,11 @@ impl StatusWriter {
                 "kind": "KeepalivePolicy",
                 "status": status,
             });
+            if !leading.is_leading_now() {
+                // Leadership ended during this pass: the next leader writes the rest.
+                self.pending.insert(name);
+                break;
+            }
             match api
                 .patch_status(
                     &name,

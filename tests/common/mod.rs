@@ -123,6 +123,11 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator with `args` (besides the listen addresses) and waits until /readyz answers ok.
     pub fn start(cp: &ControlPlane, name: &str, args: &[&str]) -> Operator {
+        Operator::start_with_kubeconfig(cp, name, args, cp.kubeconfig())
+    }
+
+    /// [`Operator::start`] with another kubeconfig (another identity, or another way to the apiserver).
+    pub fn start_with_kubeconfig(cp: &ControlPlane, name: &str, args: &[&str], kubeconfig: &Path) -> Operator {
         let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
         let args: Vec<String> = [
             "controller".to_string(),
@@ -132,7 +137,7 @@ impl Operator {
         .into_iter()
         .chain(args.iter().map(|a| a.to_string()))
         .collect();
-        let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, cp.kubeconfig());
+        let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, kubeconfig);
         process.wait_ready(admin_port);
         Operator {
             process,
