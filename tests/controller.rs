@@ -16,17 +16,6 @@ use kube::{
 };
 use serde_json::json;
 
-async fn ensure_namespace(client: &Client, name: &str) {
-    if Api::<Namespace>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        namespace(client, name, &[]).await;
-    }
-}
-
 /// Waits until the policy's status satisfies `check`; returns it.
 async fn status_where(
     client: &Client,

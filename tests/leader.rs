@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Namespace};
+use k8s_openapi::api::coordination::v1::Lease;
 use keepalive_operator::api::KeepalivePolicy;
 use kube::{Api, Client};
 use serde_json::json;
@@ -91,17 +91,6 @@ mod proxy {
                 return;
             }
         }
-    }
-}
-
-async fn ensure_namespace(client: &Client, name: &str) {
-    if Api::<Namespace>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        namespace(client, name, &[]).await;
     }
 }
 

@@ -205,6 +205,19 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: Op
     api.create(&PostParams::default(), &config).await.unwrap();
 }
 
+/// Creates a namespace unless it exists (tests running at once may both create it).
+pub async fn ensure_namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
 /// Creates a namespace with labels.
 pub async fn namespace(client: &Client, name: &str, labels: &[(&str, &str)]) {
     let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
