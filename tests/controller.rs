@@ -16,17 +16,6 @@ use kube::{
 };
 use serde_json::json;
 
-async fn ensure_namespace(client: &Client, name: &str) {
-    if Api::<Namespace>::all(client.clone())
-        .get_opt(name)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        namespace(client, name, &[]).await;
-    }
-}
-
 /// Waits until the policy's status satisfies `check`; returns it.
 async fn status_where(
     client: &Client,
@@ -216,8 +205,9 @@ async fn the_other_replica_takes_over_when_the_leader_dies() {
     let cp = control_plane();
     let client = cp.client().await.unwrap();
     ensure_namespace(&client, "keepalive-system").await;
-    let mut a = operator(cp, "failover", &[]);
-    let mut b = operator(cp, "failover", &[]);
+    // Two identities: with one (the same POD_NAME) both replicas would renew the same holder's lease.
+    let mut a = operator(cp, "failover", &["--identity=failover-a"]);
+    let mut b = operator(cp, "failover", &["--identity=failover-b"]);
     namespace(&client, "failover", &[("test", "failover")]).await;
     create_policy(
         &client,

@@ -91,12 +91,13 @@ pub async fn run(args: Args) -> Result<()> {
     let router = RequestLimits::new(&args.limits).apply(certs::gate_readiness(router, certs.clone()));
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let (leading_tx, leading) = leader::channel();
     let election = tokio::spawn(leader::run(
         client.clone(),
         args.tls.namespace.clone(),
         args.leader.clone(),
         leading_tx,
+        metrics.leader.clone(),
         stopped.clone(),
     ));
     let writer = status_writer::StatusWriter::new(client.clone(), caches, cluster, metrics);

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use super::{
     caches::{Caches, NamespaceChanges},
     conformance::{self, Conformance, NodeLive},
+    leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
 };
 use crate::{
@@ -36,6 +37,8 @@ use crate::{
 /// A policy's status is written at most this often, however fast its pods churn.
 pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
+/// One status write gets this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct StatusWriter {
     client: Client,
@@ -80,15 +83,13 @@ impl StatusWriter {
     /// Runs until `shutdown` fires. Only while this replica leads does it watch pods and node reports (a
     /// follower's memory does not grow with the cluster's pods); policies and namespaces come from the shared
     /// caches. Losing the lead drops everything the leader held.
-    pub async fn run(mut self, mut leading: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut leading: Leadership, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                led = leading.wait_for(|leading| *leading) => if led.is_err() { return },
+                led = leading.acquired() => if !led { return },
                 _ = shutdown.changed() => return,
             }
-            self.metrics.leader.set(1);
             let go_on = self.lead(&mut leading, &mut shutdown).await;
-            self.metrics.leader.set(0);
             self.state = Conformance::new(self.cluster);
             self.reports_unreadable = false;
             self.pending.clear();
@@ -103,7 +104,7 @@ impl StatusWriter {
     }
 
     /// One term as leader: returns `true` when the lead is lost, `false` on shutdown or when a watch ends.
-    async fn lead(&mut self, leading: &mut watch::Receiver<bool>, shutdown: &mut watch::Receiver<bool>) -> bool {
+    async fn lead(&mut self, leading: &mut Leadership, shutdown: &mut watch::Receiver<bool>) -> bool {
         let pods = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut pods = std::pin::pin!(pods);
         let mut pod_relist = Relist::default();
@@ -116,7 +117,6 @@ impl StatusWriter {
         let mut report_relist = Relist::default();
         let mut tick = tokio::time::interval(TICK);
         let mut changes = self.caches.subscribe();
-        let mut leadership_settled = false;
         let mut policies = crate::webhook::Lookup::policies(&*self.caches);
         self.state.set_policies(policies.clone());
         self.state.replace_namespaces(self.caches.all_namespaces());
@@ -165,19 +165,14 @@ impl StatusWriter {
                         }
                     }
                 }
-                changed = leading.changed(), if !leadership_settled => match changed {
-                    Ok(()) if !*leading.borrow_and_update() => return true,
-                    Ok(()) => {}
-                    // The election ended (leader election off): this replica leads for good.
-                    Err(_) => leadership_settled = true,
-                },
+                _ = leading.lost() => return true,
                 _ = tick.tick() => {
                     self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
-                    let leader = *leading.borrow();
+                    let leader = leading.is_leading_now();
                     let reports_synced = report_relist.synced() || self.reports_unreadable;
                     if leader && pod_relist.synced() && reports_synced && crate::webhook::Lookup::ready(&*self.caches) {
-                        self.write_statuses().await;
+                        self.write_statuses(leading).await;
                     }
                 }
                 _ = shutdown.changed() => return false,
@@ -185,7 +180,7 @@ impl StatusWriter {
         }
     }
 
-    async fn write_statuses(&mut self) {
+    async fn write_statuses(&mut self, leading: &Leadership) {
         self.pending.extend(self.state.take_dirty());
         // A policy never written by this replica (new, or a new leader) is written once even without changes.
         for entry in self.state.policies().entries() {
@@ -237,14 +232,22 @@ impl StatusWriter {
                 "kind": "KeepalivePolicy",
                 "status": status,
             });
-            match api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(OPERATOR_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
+            if !leading.is_leading_now() {
+                // Leadership ended during this pass: the next leader writes the rest.
+                self.pending.insert(name);
+                break;
+            }
+            // Bounded: the client has no read timeout, and a write hanging on a dead connection would stall the
+            // writer for good.
+            let (params, patch) = (PatchParams::apply(OPERATOR_MANAGER).force(), Patch::Apply(&patch));
+            let write = api.patch_status(&name, &params, &patch);
+            let written = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(result) => result,
+                Err(_) => Err(kube::Error::Service(
+                    format!("no answer within {WRITE_TIMEOUT:?}").into(),
+                )),
+            };
+            match written {
                 Ok(_) => {
                     self.metrics.status_write(WriteOutcome::Written);
                     self.last_write.insert(name.clone(), Instant::now());

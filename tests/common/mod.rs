@@ -127,6 +127,11 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator with `args` (besides the listen addresses) and waits until /readyz answers ok.
     pub fn start(cp: &ControlPlane, name: &str, args: &[&str]) -> Operator {
+        Operator::start_with_kubeconfig(cp, name, args, cp.kubeconfig())
+    }
+
+    /// [`Operator::start`] with another kubeconfig (another identity, or another way to the apiserver).
+    pub fn start_with_kubeconfig(cp: &ControlPlane, name: &str, args: &[&str], kubeconfig: &Path) -> Operator {
         let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
         let args: Vec<String> = [
             "controller".to_string(),
@@ -136,7 +141,7 @@ impl Operator {
         .into_iter()
         .chain(args.iter().map(|a| a.to_string()))
         .collect();
-        let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, cp.kubeconfig());
+        let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, kubeconfig);
         process.wait_ready(admin_port);
         Operator {
             process,
@@ -206,6 +211,19 @@ pub async fn register_webhook(client: &Client, name: &str, url: &str, ca_pem: Op
     .unwrap();
     let _ = api.delete(name, &DeleteParams::default()).await;
     api.create(&PostParams::default(), &config).await.unwrap();
+}
+
+/// Creates a namespace unless it exists (tests running at once may both create it).
+pub async fn ensure_namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
 }
 
 /// Creates a namespace with labels.
