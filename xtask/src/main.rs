@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: the project's two top-level commands and a few helpers.
 //!
 //!   cargo xtask demo      local control plane, the chart, the operator and agent, example policies, `kubectl get kap`
-//!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls)
+//!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls): fmt, clippy, cargo deny
+//!                         (supply chain, offline: deny.rs), the tests, e2e
 //!   cargo xtask e2e       the end-to-end proof on a real single-node cluster (hack/e2e.sh; also the last step of
 //!                         `test` when run as root)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
@@ -11,6 +12,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use xtask::{ControlPlane, cluster, tools};
+
+mod deny;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -83,6 +86,7 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    deny::check()?;
     step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
     let mut child = cargo()
         .args(["test", "--workspace"])
