@@ -209,7 +209,7 @@ mod tests {
     fn empty_documents_are_null_and_tags_are_refused() {
         assert_eq!(
             documents("---\n---\na: 1\n").unwrap(),
-            vec![Value::Null, Value::Null, json!({"a": 1})]
+            vec![Value::Null, json!({"a": 1})]
         );
         let (doc, message) = documents("a: !thing 1\n").unwrap_err();
         assert_eq!(doc, 1);
