@@ -1,5 +1,7 @@
-//! The Helm chart with the real helm against the real apiserver: lint, the values schema, `helm install` with
-//! every object as it should be (the apiserver's own Pod Security admission judges the pod templates),
+//! The Helm chart with the real helm against the real apiserver: lint, the values schema (with its rule that
+//! `failurePolicy: Fail` needs 2 replicas), the NetworkPolicy and priority classes as configured, `helm install`
+//! (in `chart/install.rs`) with every object as it should be (the apiserver's own Pod Security and Priority
+//! admission judge the pod templates, its validation the NetworkPolicy),
 //! `helm upgrade`, `helm uninstall` keeping the CRDs and policies. Its RBAC is proven sufficient by running the
 //! operator and the agent on this host with tokens of the chart's ServiceAccounts instead of admin credentials,
 //! and minimal by `kubectl auth can-i`.
@@ -15,12 +17,11 @@ mod install;
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
 use common::*;
 use serde_json::{Value, json};
-use xtask::{ControlPlane, cluster};
+use xtask::ControlPlane;
 
 const NS: &str = "keepalive-chart";
 const RELEASE: &str = "ka";
