@@ -47,8 +47,9 @@ pub fn check() -> Result<()> {
 
     let advisories = database(&deny, &config, &db_root.join(DB_DIR))?;
     let mut cmd = Command::new(&deny);
-    cmd.args(["deny", "--workspace", "check", "--disable-fetch", "--config"])
-        .arg(&config);
+    cmd.args(["deny", "--workspace", "--locked", "--offline", "--config"])
+        .arg(&config)
+        .arg("check");
     match &advisories {
         Advisories::Available(what) => {
             eprintln!("    advisory database: {what}");
@@ -128,9 +129,9 @@ fn database(deny: &Path, config: &Path, db: &Path) -> Result<Advisories> {
     } else if !db.join(".git").is_dir() {
         eprintln!("    no advisory database snapshot beside the repository: cargo deny fetch db");
         let fetched = Command::new(deny)
-            .args(["deny", "fetch", "--config"])
+            .args(["deny", "--locked", "--config"])
             .arg(config)
-            .arg("db")
+            .args(["fetch", "db"])
             .current_dir(tools::repo_root())
             .status()
             .is_ok_and(|s| s.success());

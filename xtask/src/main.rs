@@ -5,6 +5,7 @@
 //!                         (supply chain, offline: deny.rs), the tests, e2e
 //!   cargo xtask e2e       the end-to-end proof on a real single-node cluster (hack/e2e.sh; also the last step of
 //!                         `test` when run as root)
+//!   cargo xtask deny      the supply-chain step of `test` alone (cargo deny check)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
 
@@ -22,11 +23,14 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
         Some("e2e") => e2e(),
+        Some("deny") => deny::check(),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
-            eprintln!("usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | cluster | tools [NAME...]");
+            eprintln!(
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | deny | cluster | tools [NAME...]"
+            );
             return ExitCode::from(2);
         }
     };
