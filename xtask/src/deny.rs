@@ -201,3 +201,13 @@ fn snapshot_date(text: &str) -> Option<&str> {
         (digits(0..4) && b[4] == b'-' && digits(5..7) && b[7] == b'-' && digits(8..10)).then_some(s)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn snapshot_date_is_the_first_iso_date() {
+        let text = "Snapshot of the RustSec advisory database (CC0), commit bf5c0d2 of 2026-08-21, for offline audits.";
+        assert_eq!(super::snapshot_date(text), Some("2026-08-21"));
+        assert_eq!(super::snapshot_date("no date 2026-8-1"), None);
+    }
+}
