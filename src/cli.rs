@@ -5,7 +5,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{agent, api, apply, controller, policy::ClusterFacts, runtime::telemetry};
@@ -46,13 +45,17 @@ pub enum CrdKind {
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// A file of KeepalivePolicy documents ("-" reads stdin). Repeatable.
+    /// A file of KeepalivePolicy documents ("-" reads stdin). Repeatable. Only regular files are read.
     #[arg(short = 'p', long = "policy", required = true)]
     pub policies: Vec<PathBuf>,
     /// A file of resources: Pods, pod-template owners (Deployments, ...), Namespaces, anything else passes
-    /// through unchanged ("-" reads stdin). Repeatable.
+    /// through unchanged ("-" reads stdin). Repeatable. Only regular files are read.
     #[arg(short = 'r', long = "resource", required = true)]
     pub resources: Vec<PathBuf>,
+    /// The largest input read, in bytes, per file (and for stdin); a larger one is an error.
+    #[arg(long, value_name = "BYTES", env = "KEEPALIVE_APPLY_MAX_INPUT_BYTES",
+        default_value_t = apply::input::DEFAULT_MAX_BYTES)]
+    pub max_input_bytes: u64,
     /// Kubernetes version (MAJOR.MINOR) of the target cluster. Default: 1.29 or newer. On older clusters
     /// nothing is injected unless --kubelet-allows-keepalive-sysctls is given.
     #[arg(long, value_name = "MAJOR.MINOR")]
@@ -83,22 +86,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn read_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<apply::Input>> {
-    let mut stdin_used = false;
+fn read_inputs(paths: &[PathBuf], max_bytes: u64, stdin_used: &mut bool) -> anyhow::Result<Vec<apply::Input>> {
     paths
         .iter()
         .map(|path| {
-            let text = if path == Path::new("-") {
-                anyhow::ensure!(!stdin_used, "standard input (-) can be read only once");
-                stdin_used = true;
-                std::io::read_to_string(std::io::stdin())?
+            if path == Path::new("-") {
+                anyhow::ensure!(!*stdin_used, "standard input (-) can be read only once");
+                *stdin_used = true;
+                Ok(apply::input::read_stdin(max_bytes)?)
             } else {
-                std::fs::read_to_string(path).with_context(|| path.display().to_string())?
-            };
-            Ok(apply::Input {
-                name: path.display().to_string(),
-                text,
-            })
+                Ok(apply::input::read_file(path, max_bytes)?)
+            }
         })
         .collect()
 }
@@ -111,7 +109,10 @@ fn run_apply(args: ApplyArgs) -> anyhow::Result<()> {
             ClusterFacts::from_version(major, minor, args.cluster.kubelet_allows_keepalive_sysctls)
         }
     };
-    let out = apply::run(&read_inputs(&args.policies)?, &read_inputs(&args.resources)?, cluster)?;
+    let mut stdin_used = false;
+    let policies = read_inputs(&args.policies, args.max_input_bytes, &mut stdin_used)?;
+    let resources = read_inputs(&args.resources, args.max_input_bytes, &mut stdin_used)?;
+    let out = apply::run(&policies, &resources, cluster)?;
     for line in &out.report {
         eprintln!("{line}");
     }

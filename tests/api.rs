@@ -122,7 +122,7 @@ async fn every_example_is_stored_and_read_back() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let expected: KeepalivePolicy =
-            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             text.starts_with('#'),
             "{}: every example starts with a comment saying what it is for",

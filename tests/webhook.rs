@@ -493,11 +493,11 @@ async fn offline_apply_makes_the_same_mutation_as_the_webhook() {
     let ns = json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "agree", "labels": {"scope": "webhook", "test": "agree"}}});
     let dir = control_plane().work_dir();
-    std::fs::write(dir.join("agree-policy.yaml"), serde_yaml::to_string(&policy).unwrap()).unwrap();
+    std::fs::write(dir.join("agree-policy.yaml"), serde_norway::to_string(&policy).unwrap()).unwrap();
     let resources = format!(
         "{}---\n{}",
-        serde_yaml::to_string(&ns).unwrap(),
-        serde_yaml::to_string(&pod).unwrap()
+        serde_norway::to_string(&ns).unwrap(),
+        serde_norway::to_string(&pod).unwrap()
     );
     std::fs::write(dir.join("agree-resources.yaml"), resources).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"))
@@ -508,7 +508,7 @@ async fn offline_apply_makes_the_same_mutation_as_the_webhook() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let offline: Vec<Pod> = serde_yaml::Deserializer::from_slice(&out.stdout)
+    let offline: Vec<Pod> = serde_norway::Deserializer::from_slice(&out.stdout)
         .filter_map(|d| serde::Deserialize::deserialize(d).ok())
         .filter(|p: &Pod| p.spec.is_some())
         .collect();

@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: the project's two top-level commands and a few helpers.
 //!
 //!   cargo xtask demo      local control plane, the chart, the operator and agent, example policies, `kubectl get kap`
-//!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls)
+//!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls): fmt, clippy, cargo deny
+//!                         (supply chain, offline: deny.rs), the tests, e2e
 //!   cargo xtask e2e       the end-to-end proof on a real single-node cluster (hack/e2e.sh; also the last step of
 //!                         `test` when run as root)
+//!   cargo xtask deny      the supply-chain step of `test` alone (cargo deny check)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
 //!   cargo xtask fuzz [N]  N generated AdmissionReviews (default 10 000 000) through the webhook's parse + answer,
@@ -14,6 +16,8 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use xtask::{ControlPlane, cluster, tools};
 
+mod deny;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -21,13 +25,14 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("cluster") => cluster(),
         Some("e2e") => e2e(),
+        Some("deny") => deny::check(),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str).unwrap_or("10000000")),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | cluster | tools [NAME...] | fuzz [CASES]"
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | deny | cluster | tools [NAME...] | fuzz [CASES]"
             );
             return ExitCode::from(2);
         }
@@ -88,6 +93,7 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    deny::check()?;
     step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
     let mut child = cargo()
         .args(["test", "--workspace"])

@@ -17,6 +17,19 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The cache outside git shared with `hack/*.sh`: `KEEPALIVE_CACHE`, else `$XDG_CACHE_HOME/keepalive-operator`,
+/// else `~/.cache/keepalive-operator`.
+pub fn cache_dir() -> PathBuf {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("KEEPALIVE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    base.join("keepalive-operator")
+}
+
 /// Directory with etcd, kube-apiserver, kubectl and helm of the pinned versions, built on first use.
 /// `KEEPALIVE_BIN_DIR` points elsewhere.
 pub fn bin_dir() -> Result<PathBuf> {

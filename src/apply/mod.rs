@@ -4,6 +4,9 @@
 //! and every pod template (Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs,
 //! ReplicationControllers, PodTemplates), and returns the resources as YAML documents in input order plus one
 //! report line per pod. Nothing is printed unless every input is valid.
+//!
+//! Inputs are read by [`input`] (regular files or stdin, size-capped) and converted from YAML as kubectl converts
+//! them ([`yaml`]: aliases, merge keys), so the offline result is what the webhook would see.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +15,11 @@ use serde_json::Value;
 
 use crate::policy::{self, ClusterFacts, PodFacts, PolicySet};
 
+pub mod input;
+mod yaml;
+
 /// A named input: a file path (or "-") and its text.
+#[derive(Debug)]
 pub struct Input {
     pub name: String,
     pub text: String,
@@ -62,19 +69,12 @@ fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
 }
 
 fn documents(input: &Input) -> Result<Vec<Value>, Error> {
-    use serde::Deserialize;
-    let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(&input.text).enumerate() {
-        let value = Value::deserialize(de).map_err(|e| Error::Parse {
-            file: input.name.clone(),
-            doc: i + 1,
-            message: e.to_string(),
-        })?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
+    let docs = yaml::documents(&input.text).map_err(|(doc, message)| Error::Parse {
+        file: input.name.clone(),
+        doc,
+        message,
+    })?;
+    Ok(docs.into_iter().filter(|doc| !doc.is_null()).collect())
 }
 
 /// Runs the offline mutation.
@@ -167,7 +167,7 @@ pub fn run(policies: &[Input], resources: &[Input], cluster: ClusterFacts) -> Re
             }
         }
         yaml.push_str("---\n");
-        yaml.push_str(&serde_yaml::to_string(&doc).expect("a JSON value serializes to YAML"));
+        yaml.push_str(&serde_norway::to_string(&doc).expect("a JSON value serializes to YAML"));
     }
     Ok(Output { yaml, report })
 }
@@ -198,7 +198,7 @@ mod tests {
             ClusterFacts::default(),
         )
         .unwrap();
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&out.yaml)
+        let docs: Vec<Value> = serde_norway::Deserializer::from_str(&out.yaml)
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 3);
