@@ -205,7 +205,9 @@ async fn send_review(sender: &mut hyper::client::conn::http1::SendRequest<Full<B
 async fn hostile_clients_cannot_exhaust_the_webhook() {
     raise_open_file_limit();
     let cp = control_plane();
-    let (ca, cert, key) = write_serving_cert(cp.work_dir());
+    let dir = cp.work_dir().join("hostile");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_serving_cert(&dir);
     let op = Operator::start(
         cp,
         "hostile",
@@ -337,7 +339,9 @@ async fn hostile_clients_cannot_exhaust_the_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_before_closing() {
     let cp = control_plane();
-    let (ca, cert, key) = write_serving_cert(cp.work_dir());
+    let dir = cp.work_dir().join("drain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_serving_cert(&dir);
     let mut op = Operator::start(
         cp,
         "drain",
@@ -421,9 +425,11 @@ fn client_pki() -> (String, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_clients_with_the_configured_ca_get_an_answer() {
     let cp = control_plane();
-    let (ca, cert, key) = write_serving_cert(cp.work_dir());
+    let dir = cp.work_dir().join("client-ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = write_serving_cert(&dir);
     let (client_ca, client_cert, client_key) = client_pki();
-    let client_ca_file = cp.work_dir().join("client-ca.crt");
+    let client_ca_file = dir.join("client-ca.crt");
     std::fs::write(&client_ca_file, &client_ca).unwrap();
     let op = Operator::start(
         cp,
