@@ -208,13 +208,7 @@ async fn the_other_replica_takes_over_when_the_leader_dies() {
     // Two identities: with one (the same POD_NAME) both replicas would renew the same holder's lease.
     let mut a = operator(cp, "failover", &["--identity=failover-a"]);
     let mut b = operator(cp, "failover", &["--identity=failover-b"]);
-    namespace(&client, "failover", &[("test", "failover")]).await;
-    create_policy(
-        &client,
-        "failover",
-        json!({"namespaceSelector": {"matchLabels": {"test": "failover"}}, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
-    )
-    .await;
+    namespace_with_policy(&client, "failover", (60, 5, 3)).await;
     create_pod(&client, "failover", "p0", json!({})).await.unwrap();
     status_where(&client, "failover", "1 matched pod", |s| counts(s).0 == 1).await;
 

@@ -20,13 +20,7 @@ async fn a_follower_does_not_hold_the_clusters_pods() {
     cp.install_crds().unwrap();
     let client = cp.client().await.unwrap();
     namespace(&client, "keepalive-system", &[]).await;
-    namespace(&client, "crowd", &[("test", "crowd")]).await;
-    create_policy(
-        &client,
-        "crowd",
-        json!({"namespaceSelector": {"matchLabels": {"test": "crowd"}}, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
-    )
-    .await;
+    namespace_with_policy(&client, "crowd", (60, 5, 3)).await;
     let args = ["--lease-name=crowd", "--namespace=keepalive-system"];
     let a = Operator::start(&cp, "crowd-a", &args);
     let b = Operator::start(&cp, "crowd-b", &args);
@@ -76,5 +70,16 @@ async fn a_follower_does_not_hold_the_clusters_pods() {
         follower_after <= follower_before + 2.0,
         "a follower's memory grew from {follower_before:.1} to {follower_after:.1} MiB with {PODS} pods"
     );
-    assert!(!follower.metrics().contains("cache_objects{cache=\"pods\"} 1"));
+    let pods_cached = |op: &Operator| {
+        op.metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("keepalive_cache_objects{cache=\"pods\"} ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(pods_cached(leader), PODS as u64, "the leader's pod cache");
+    assert_eq!(pods_cached(follower), 0, "the follower's pod cache");
 }

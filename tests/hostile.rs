@@ -70,19 +70,6 @@ fn review(namespace: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Both this test and the operator hold over a thousand descriptors.
-fn raise_open_file_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let _ = setrlimit(
-        Resource::Nofile,
-        Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        },
-    );
-}
-
 /// Keeps `n` connections each holding `SENT` bytes of a `BODY`-byte request, reconnecting when the server cuts
 /// one off (it does, at the request deadline).
 fn hold_bodies(tls: TlsConnector, port: u16, n: usize, holding: Arc<AtomicUsize>) {
@@ -203,7 +190,8 @@ async fn send_review(sender: &mut hyper::client::conn::http1::SendRequest<Full<B
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_cannot_exhaust_the_webhook() {
-    raise_open_file_limit();
+    // This test holds over a thousand descriptors.
+    keepalive_operator::runtime::raise_open_file_limit();
     let cp = control_plane();
     let dir = cp.work_dir().join("hostile");
     std::fs::create_dir_all(&dir).unwrap();
@@ -218,14 +206,7 @@ async fn hostile_clients_cannot_exhaust_the_webhook() {
     );
     let pid = op.pid().unwrap();
     let client = cp.client().await.unwrap();
-    namespace(&client, "hostile", &[("test", "hostile")]).await;
-    create_policy(
-        &client,
-        "hostile",
-        json!({"namespaceSelector": {"matchLabels": {"test": "hostile"}},
-               "keepalive": {"time": 120, "interval": 10, "probes": 3}}),
-    )
-    .await;
+    namespace_with_policy(&client, "hostile", (120, 10, 3)).await;
     let tls = connector(&ca, b"http/1.1");
     let body = review("hostile");
 

@@ -191,13 +191,7 @@ async fn a_black_holed_leader_steps_down_before_another_replica_takes_over() {
     })
     .await;
     let b = replica(cp, "blackhole-b", "blackhole", &[], None);
-    namespace(&client, "blackhole", &[("test", "blackhole")]).await;
-    create_policy(
-        &client,
-        "blackhole",
-        json!({"namespaceSelector": {"matchLabels": {"test": "blackhole"}}, "keepalive": {"time": 60, "interval": 5, "probes": 3}}),
-    )
-    .await;
+    namespace_with_policy(&client, "blackhole", (60, 5, 3)).await;
     create_pod(&client, "blackhole", "p0", json!({})).await.unwrap();
     wait_for_policy_count(&client, "blackhole", 1, "A to write the status").await;
     let steady = watch_leaders(&a, &b, Duration::from_secs(5), "the steady state", |_, _| false).await;

@@ -78,6 +78,12 @@ struct Namespaces {
     changes: Option<HashSet<String>>,
 }
 
+impl Namespaces {
+    fn all(&self) -> Vec<NamespaceEntry> {
+        self.labels.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
+    }
+}
+
 impl Index<PartialObjectMeta<Namespace>> for Namespaces {
     type Entry = NamespaceEntry;
 
@@ -195,9 +201,8 @@ impl Caches {
     /// Every namespace with its labels; changes are tracked from here on.
     pub fn all_namespaces(&self) -> Vec<(String, BTreeMap<String, String>)> {
         let mut guard = self.namespaces.write().unwrap();
-        let index = &mut guard.0;
-        index.changes = Some(HashSet::new());
-        index.labels.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
+        guard.0.changes = Some(HashSet::new());
+        guard.0.all()
     }
 
     /// Namespaces whose labels may have changed since the last call: `All` after a relist.
@@ -205,7 +210,7 @@ impl Caches {
         let mut guard = self.namespaces.write().unwrap();
         let index = &mut guard.0;
         match index.changes.replace(HashSet::new()) {
-            None => NamespaceChanges::All(index.labels.iter().map(|(n, l)| (n.clone(), l.clone())).collect()),
+            None => NamespaceChanges::All(index.all()),
             Some(names) => {
                 NamespaceChanges::Some(names.into_iter().map(|n| (index.labels.get(&n).cloned(), n)).collect())
             }

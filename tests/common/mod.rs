@@ -335,3 +335,15 @@ pub async fn a_leads(a: &Operator, b: &Operator) -> bool {
     })
     .await
 }
+
+/// A namespace `name` labelled `test=<name>` and a policy `name` selecting it with keepalive `time/intvl/probes`.
+pub async fn namespace_with_policy(client: &Client, name: &str, (time, intvl, probes): (i32, i32, i32)) {
+    namespace(client, name, &[("test", name)]).await;
+    create_policy(
+        client,
+        name,
+        json!({"namespaceSelector": {"matchLabels": {"test": name}},
+               "keepalive": {"time": time, "interval": intvl, "probes": probes}}),
+    )
+    .await;
+}
