@@ -33,6 +33,15 @@ pub const MAX_KEEPALIVE_SECONDS: i32 = 32767;
 pub const MAX_KEEPALIVE_PROBES: i32 = 127;
 /// How many violations a policy status lists at most.
 pub const MAX_VIOLATIONS: usize = 20;
+/// Most pod entries one node report holds (kubelet's `maxPods` is 110 by default; the largest managed node
+/// types allow a few hundred). Keeps a report far below etcd's object size limit.
+pub const MAX_REPORT_PODS: usize = 2000;
+/// Longest `error` of one pod entry of a node report, in characters.
+pub const MAX_READ_ERROR_CHARS: usize = 256;
+/// Longest heartbeat (and scan interval) a node report may claim, in seconds.
+pub const MAX_HEARTBEAT_SECONDS: i32 = 3600;
+/// Longest message of one violation in a policy status, in characters.
+pub const MAX_VIOLATION_MESSAGE_CHARS: usize = 1024;
 
 /// Which pods get which TCP keepalive sysctls, and how strictly.
 ///
@@ -277,6 +286,7 @@ pub struct Violation {
     /// A CamelCase reason such as NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
     /// LiveMismatch or Unverified.
     pub reason: String,
+    #[schemars(length(max = 1024))]
     pub message: String,
 }
 
@@ -326,23 +336,35 @@ fn generated_yaml(
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KeepaliveNodeReportSpec {
-    /// When the agent last scanned the node (a heartbeat: refreshed at least every `heartbeatSeconds`).
+    /// When the agent last scanned the node, by the node's clock (informational: the controller judges a
+    /// report's freshness by when it received it, not by this).
     pub last_scan: Time,
-    /// How often the agent rewrites the report when nothing changed. A report not refreshed for three heartbeats
+    /// How often the agent rewrites the report when nothing changed. A report not received for three heartbeats
     /// is stale: the controller then judges the node's pods by their spec alone.
     #[serde(default = "default_heartbeat")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3600))]
     pub heartbeat_seconds: i32,
+    /// Seconds between two scans of the node: a running pod not in a report received two scans after the
+    /// controller saw it running has no process the agent could find.
+    #[serde(default = "default_scan_interval")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub scan_interval_seconds: i32,
     /// The node's own values, which hostNetwork pods run with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_sysctls: Option<LiveKeepalive>,
     #[serde(default)]
+    #[schemars(range(min = 0, max = 2000))]
     pub verified_pods: i32,
     #[serde(default)]
+    #[schemars(range(min = 0, max = 2000))]
     pub unverified_pods: i32,
-    /// One entry per running pod of the node (hostNetwork pods excepted).
+    /// One entry per pod found on the node (by the pod UID of its cgroup), hostNetwork pods excepted. The agent
+    /// reads no Pod objects: the controller joins these UIDs to pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"]))]
+    #[schemars(
+        length(max = 2000),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["uid"])
+    )]
     pub pods: Vec<PodLiveReport>,
 }
 
@@ -350,11 +372,18 @@ fn default_heartbeat() -> i32 {
     60
 }
 
+fn default_scan_interval() -> i32 {
+    10
+}
+
 /// Keepalive sysctls as the kernel holds them in one network namespace.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LiveKeepalive {
+    #[schemars(range(min = 0))]
     pub time: i32,
+    #[schemars(range(min = 0))]
     pub interval: i32,
+    #[schemars(range(min = 0))]
     pub probes: i32,
 }
 
@@ -362,22 +391,27 @@ pub struct LiveKeepalive {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PodLiveReport {
+    /// The pod UID as kubelet names the pod's cgroup: the Pod's `metadata.uid`, or for a static pod the config
+    /// hash its mirror pod carries in the `kubernetes.io/config.mirror` annotation.
+    #[schemars(length(min = 32, max = 36), regex(pattern = r"^[0-9a-f-]+$"))]
     pub uid: String,
-    pub namespace: String,
-    pub name: String,
     /// The values in the pod's network namespace; absent when it could not be read (see `error`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sysctls: Option<LiveKeepalive>,
     /// Established TCP connections (IPv4 and IPv6) in the pod's network namespace.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub established: i32,
     /// Of those, connections with the keepalive timer armed (SO_KEEPALIVE on).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub keepalive: i32,
     /// When these values were first read (they are rewritten only when they change).
     pub read_at: Time,
-    /// Why the pod could not be read: no process found, namespace not enterable, unreadable file.
+    /// Why the pod could not be read (no process, namespace owned by a user namespace of the pod, unreadable
+    /// file), or why its connections were not counted (over the per-pod budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub error: Option<String>,
 }
 

@@ -243,7 +243,7 @@ async fn policy_status_joins_the_live_readings() {
         .get("live-chain-node")
         .await
         .unwrap();
-    let live = |name: &str| report.spec.pods.iter().find(|p| p.namespace == name).unwrap().sysctls;
+    let live = |name: &str| report.spec.pods.iter().find(|p| p.uid == name).unwrap().sysctls;
     assert_eq!(live("live-agrees").map(|v| v.time), Some(20));
     assert_eq!(live("live-differs").map(|v| v.time), Some(7200));
 

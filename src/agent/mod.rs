@@ -55,7 +55,7 @@ pub struct AgentArgs {
     #[arg(long, env = "KEEPALIVE_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
     /// Seconds between scans; also the shortest time between two writes of the report.
-    #[arg(long, env = "KEEPALIVE_SCAN_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 10)]
+    #[arg(long, env = "KEEPALIVE_SCAN_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), default_value_t = 10)]
     pub scan_interval_seconds: u64,
     /// A host process in the node's own network namespace, whose values hostNetwork pods run with (with hostPID,
     /// 1 is the host's init).
@@ -63,7 +63,7 @@ pub struct AgentArgs {
     pub node_netns_pid: u32,
     /// The report is rewritten at least this often, as a heartbeat, even when nothing changed; changed connection
     /// counts alone wait for it. At least the scan interval.
-    #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 60)]
+    #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), default_value_t = 60)]
     pub heartbeat_seconds: u64,
     /// How connections are counted: sock-diag (read-only, like `ss`) or socket-fds (faster; see the README).
     #[arg(long, env = "KEEPALIVE_COUNT_CONNECTIONS", value_enum, default_value_t = Counting::SockDiag)]
@@ -167,6 +167,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 let spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
+                    scan_interval_seconds: i32::try_from(args.scan_interval_seconds).unwrap_or(i32::MAX),
                     node_sysctls: node,
                     verified_pods: pod_reports.iter().filter(|r| r.sysctls.is_some()).count() as i32,
                     unverified_pods: pod_reports.iter().filter(|r| r.sysctls.is_none()).count() as i32,
@@ -246,6 +247,7 @@ mod tests {
         KeepaliveNodeReportSpec {
             last_scan: Time(Timestamp::from_second(at).unwrap()),
             heartbeat_seconds: 60,
+            scan_interval_seconds: 10,
             node_sysctls: None,
             verified_pods: 1,
             unverified_pods: 0,

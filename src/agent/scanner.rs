@@ -121,8 +121,6 @@ impl Scanner {
         let read_one = |pod: &NodePod| {
             let mut report = PodLiveReport {
                 uid: pod.uid.clone(),
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
                 sysctls: None,
                 established: 0,
                 keepalive: 0,
@@ -175,7 +173,7 @@ impl Scanner {
             }
             reports.push(report);
         }
-        reports.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        reports.sort_by(|a, b| a.uid.cmp(&b.uid));
         (node, reports)
     }
 
@@ -367,8 +365,6 @@ pub(super) mod tests {
     pub fn reading(established: i32, at: i64, time: i32) -> PodLiveReport {
         PodLiveReport {
             uid: "u".into(),
-            namespace: "ns".into(),
-            name: "p".into(),
             sysctls: Some(LiveKeepalive {
                 time,
                 interval: 10,
