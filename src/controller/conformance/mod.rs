@@ -8,7 +8,9 @@
 //! Live readings ([`NodeLive`], from the node agents' reports) take precedence over the pod spec: once a fresh
 //! report of its node exists, a pod counts as conformant only if the kernel holds the policy's values in its
 //! network namespace (else `LiveMismatch`, or `Unverified` without a reading), and a hostNetwork pod is judged
-//! by the node's own values.
+//! by the node's own values. A report is fresh for three heartbeats after this replica *received* it (the node's
+//! clock is not trusted). Pods of sandboxed runtimes (a RuntimeClass whose handler is not runc-like) cannot be
+//! read from the host: they are `Unverified`, whatever their node reports.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -29,7 +31,10 @@ pub use self::{
     status::{same_report, status},
 };
 use crate::{
-    api::{ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_VIOLATIONS, Violation},
+    api::{
+        ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_VIOLATION_MESSAGE_CHARS,
+        MAX_VIOLATIONS, Violation,
+    },
     policy::{self, ClusterFacts, PolicyEntry, PolicySet, Reason, Verdict},
     runtime::watch::Index,
 };
@@ -41,6 +46,18 @@ pub const AWAITING: Reason = Reason::AwaitingLiveReading;
 
 /// A node report not refreshed for this many heartbeats is stale: its agent is gone or cannot write.
 pub const STALE_AFTER_HEARTBEATS: i32 = 3;
+
+/// A running pod is judged missing from its node once this many reports of the node were received since the
+/// controller first saw it running: the later one was scanned after the pod was running.
+pub const MISSING_AFTER_REPORTS: u32 = 2;
+
+/// The annotation of a static pod's mirror pod holding the config hash, which is the UID kubelet runs the static
+/// pod under (and names its cgroup after).
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// RuntimeClass handlers whose pods run in the host's kernel, in network namespaces the agent reads: the
+/// default of `--verified-runtime-handlers`.
+pub const RUNC_LIKE_HANDLERS: &[&str] = &["runc", "crun", "youki", "runsc-none"];
 
 /// What a node agent read of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,8 +83,9 @@ impl NodeLive {
     pub fn from_report(spec: &KeepaliveNodeReportSpec) -> Self {
         NodeLive {
             last_scan: spec.last_scan.0,
+            // The schema bounds the heartbeat; a report from before the bound is clamped to it.
             stale_after: SignedDuration::from_secs(
-                i64::from(spec.heartbeat_seconds.max(1)) * i64::from(STALE_AFTER_HEARTBEATS),
+                i64::from(spec.heartbeat_seconds.clamp(1, MAX_HEARTBEAT_SECONDS)) * i64::from(STALE_AFTER_HEARTBEATS),
             ),
             node_sysctls: spec.node_sysctls,
             pods: spec
@@ -85,9 +103,22 @@ impl NodeLive {
                 .collect(),
         }
     }
+}
 
-    fn fresh(&self, now: Timestamp) -> bool {
-        now.duration_since(self.last_scan) <= self.stale_after
+/// A node report as this replica holds it: the report, when this replica received it (its own clock), whether
+/// it was fresh at the last look, and how many reports of the node it has received (to tell a pod the agent
+/// cannot find from one it has not scanned yet).
+#[derive(Clone, Debug)]
+struct NodeState {
+    live: NodeLive,
+    received: Timestamp,
+    fresh: bool,
+    reports: u32,
+}
+
+impl NodeState {
+    fn fresh_at(&self, now: Timestamp) -> bool {
+        now.duration_since(self.received) <= self.live.stale_after
     }
 }
 
@@ -145,8 +176,11 @@ pub struct Conformance {
     pods: HashMap<PodKey, (CachedPod, Option<Owned>)>,
     /// The pods of each node, to judge them again when the node's report changes.
     by_node: HashMap<Arc<str>, HashSet<PodKey>>,
-    /// Node reports, and whether each was fresh at the last look.
-    nodes: HashMap<Arc<str>, (NodeLive, bool)>,
+    /// Node reports (trusted ones only: the status writer checks they belong to the current Node).
+    nodes: HashMap<Arc<str>, NodeState>,
+    /// RuntimeClass name → handler, and the handlers whose pods the agent can read.
+    runtime_classes: HashMap<String, String>,
+    runc_like: HashSet<String>,
     tallies: HashMap<Arc<str>, Tally>,
     dirty: HashSet<Arc<str>>,
 }
@@ -157,7 +191,34 @@ impl Conformance {
     pub fn new(cluster: ClusterFacts) -> Self {
         Conformance {
             cluster,
+            runc_like: RUNC_LIKE_HANDLERS.iter().map(|h| h.to_string()).collect(),
             ..Default::default()
+        }
+    }
+
+    /// The RuntimeClass handlers whose pods the agent can read (default [`RUNC_LIKE_HANDLERS`]).
+    pub fn set_runc_like_handlers(&mut self, handlers: impl IntoIterator<Item = String>) {
+        self.runc_like = handlers.into_iter().collect();
+        self.recompute_all();
+    }
+
+    /// The cluster's RuntimeClasses (name → handler) changed: pods with a runtime class are judged again.
+    pub fn set_runtime_classes(&mut self, classes: HashMap<String, String>) {
+        if self.runtime_classes == classes {
+            return;
+        }
+        self.runtime_classes = classes;
+        let keys: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(_, (p, _))| p.runtime_class.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some((pod, _)) = self.pods.get(&key) {
+                let pod = pod.clone();
+                self.upsert_pod(pod);
+            }
         }
     }
 
@@ -166,8 +227,11 @@ impl Conformance {
         let meta = pod.metadata;
         let spec = pod.spec.unwrap_or_default();
         let i = &mut self.interner;
+        // A static pod runs under its config hash; its mirror pod, which the apiserver holds, has another UID.
+        let mirror = meta.annotations.as_ref().and_then(|a| a.get(MIRROR_ANNOTATION));
+        let uid = mirror.or(meta.uid.as_ref());
         Some(CachedPod {
-            uid: meta.uid.as_deref().map(parse_uid).unwrap_or(0),
+            uid: uid.map(|u| parse_uid(u)).unwrap_or(0),
             namespace: i.str(meta.namespace.as_deref()?),
             name: Arc::from(meta.name?.as_str()),
             labels: i.labels(meta.labels.unwrap_or_default()),
@@ -181,6 +245,8 @@ impl Conformance {
                 .and_then(|a| a.get(policy::POLICY_ANNOTATION))
                 .map(|p| i.str(p)),
             phase: pod.status.and_then(|s| s.phase).map(|p| i.str(&p)),
+            runtime_class: spec.runtime_class_name.as_deref().map(|r| i.str(r)),
+            running_since_report: None,
         })
     }
 
@@ -226,14 +292,15 @@ impl Conformance {
             verified: false,
             connections: None,
         };
-        let Some((node_name, node)) = pod
+        let Some((node_name, state)) = pod
             .node
             .as_ref()
-            .and_then(|n| self.nodes.get(n).filter(|(_, fresh)| *fresh).map(|(live, _)| (n, live)))
+            .and_then(|n| self.nodes.get(n).filter(|s| s.fresh).map(|s| (n, s)))
         else {
             // No agent reports for this node: the pod spec is all there is.
             return Some(judgement);
         };
+        let node = &state.live;
         let wanted = &entry.spec.keepalive;
         if pod.host_network {
             // hostNetwork pods share the node's namespace: nothing was injected, the node's values are what count.
@@ -253,6 +320,25 @@ impl Conformance {
                 None => {}
             }
             return Some(judgement);
+        }
+        if let Some(class) = &pod.runtime_class {
+            let handler = self.runtime_classes.get(&**class);
+            if !handler.is_some_and(|h| self.runc_like.contains(h)) {
+                // The agent reads the host side of the sandbox, not the namespace the workload uses.
+                if matches!(judgement.verdict, Verdict::Conformant) {
+                    judgement.verdict = Verdict::Violation {
+                        reason: Reason::Unverified,
+                        message: match handler {
+                            Some(h) => format!(
+                                "sandboxed runtime: RuntimeClass {class} (handler {h}) runs the pod in a sandbox whose \
+                                 network namespace the agent cannot read"
+                            ),
+                            None => format!("sandboxed runtime: RuntimeClass {class} is unknown to the operator"),
+                        },
+                    };
+                }
+                return Some(judgement);
+            }
         }
         let reading = node.pods.get(&pod.uid);
         judgement.connections = reading
@@ -275,10 +361,22 @@ impl Conformance {
                 };
             }
             (None, Verdict::Conformant) => {
+                let missing = reading.is_none()
+                    && pod
+                        .running_since_report
+                        .is_some_and(|since| state.reports >= since.saturating_add(MISSING_AFTER_REPORTS));
                 judgement.verdict = match reading.and_then(|r| r.error.as_deref()) {
                     Some(error) => Verdict::Violation {
                         reason: Reason::Unverified,
                         message: format!("the agent on node {node_name} could not read the pod: {error}"),
+                    },
+                    None if missing => Verdict::Violation {
+                        reason: Reason::Unverified,
+                        message: format!(
+                            "the agent on node {node_name} found no process of the pod, which is running (reports \
+                             received since: {})",
+                            state.reports - pod.running_since_report.unwrap_or(0)
+                        ),
                     },
                     None => Verdict::Violation {
                         reason: AWAITING,
@@ -333,8 +431,14 @@ impl Conformance {
     }
 
     /// A pod was created or changed: only its own (old and new) policies are recomputed.
-    pub fn upsert_pod(&mut self, pod: CachedPod) {
+    pub fn upsert_pod(&mut self, mut pod: CachedPod) {
         let key = pod.key();
+        let running = pod.phase.as_deref() == Some("Running") && pod.node.is_some();
+        pod.running_since_report = match self.pods.get(&key) {
+            _ if !running => None,
+            Some((old, _)) if old.node == pod.node && old.running_since_report.is_some() => old.running_since_report,
+            _ => Some(self.reports_of(pod.node.as_deref())),
+        };
         let owned = self.judge(&pod);
         if let Some((old_pod, old)) = self.pods.remove(&key) {
             if old_pod.node != pod.node {
@@ -379,8 +483,24 @@ impl Conformance {
         }
     }
 
+    /// How many reports of `node` this replica has received.
+    fn reports_of(&self, node: Option<&str>) -> u32 {
+        node.and_then(|n| self.nodes.get(n)).map_or(0, |s| s.reports)
+    }
+
     /// Replaces all pods (a watch relist).
     pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = CachedPod>) {
+        let mut pods: Vec<CachedPod> = pods.into_iter().collect();
+        for pod in &mut pods {
+            let running = pod.phase.as_deref() == Some("Running") && pod.node.is_some();
+            pod.running_since_report = match self.pods.get(&pod.key()) {
+                _ if !running => None,
+                Some((old, _)) if old.node == pod.node && old.running_since_report.is_some() => {
+                    old.running_since_report
+                }
+                _ => Some(self.reports_of(pod.node.as_deref())),
+            };
+        }
         self.pods = pods.into_iter().map(|p| (p.key(), (p, None))).collect();
         self.by_node.clear();
         for (key, (pod, _)) in &self.pods {
@@ -391,18 +511,21 @@ impl Conformance {
         self.recompute_all();
     }
 
-    /// A node report was written: the pods of that node are judged again.
+    /// A node report was received at `now` (this replica's clock): the pods of that node are judged again. The
+    /// same report again (a relist, a repeated event) changes nothing.
     pub fn set_node_report(&mut self, node: &str, live: NodeLive, now: Timestamp) {
-        let fresh = live.fresh(now);
-        if self
-            .nodes
-            .get(node)
-            .is_some_and(|(old, was)| *old == live && *was == fresh)
-        {
+        if self.nodes.get(node).is_some_and(|old| old.live == live) {
             return;
         }
         let node: Arc<str> = self.interner.str(node);
-        self.nodes.insert(node.clone(), (live, fresh));
+        let reports = self.nodes.get(&node).map_or(0, |s| s.reports).saturating_add(1);
+        let state = NodeState {
+            live,
+            received: now,
+            fresh: true,
+            reports,
+        };
+        self.nodes.insert(node.clone(), state);
         self.recompute_node(&node);
     }
 
@@ -416,11 +539,21 @@ impl Conformance {
     /// again, once.
     pub fn replace_node_reports(&mut self, reports: impl IntoIterator<Item = (String, NodeLive)>, now: Timestamp) {
         let mut touched: HashSet<Arc<str>> = self.nodes.keys().cloned().collect();
+        let mut old = std::mem::take(&mut self.nodes);
         self.nodes = reports
             .into_iter()
             .map(|(name, live)| {
-                let fresh = live.fresh(now);
-                (self.interner.str(&name), (live, fresh))
+                let state = match old.remove(name.as_str()) {
+                    // Unchanged: still the report received then.
+                    Some(state) if state.live == live => state,
+                    previous => NodeState {
+                        live,
+                        received: now,
+                        fresh: true,
+                        reports: previous.map_or(0, |s| s.reports).saturating_add(1),
+                    },
+                };
+                (self.interner.str(&name), state)
             })
             .collect();
         touched.extend(self.nodes.keys().cloned());
@@ -434,10 +567,10 @@ impl Conformance {
         let flipped: Vec<Arc<str>> = self
             .nodes
             .iter_mut()
-            .filter_map(|(name, (live, fresh))| {
-                let now_fresh = live.fresh(now);
-                (now_fresh != *fresh).then(|| {
-                    *fresh = now_fresh;
+            .filter_map(|(name, state)| {
+                let now_fresh = state.fresh_at(now);
+                (now_fresh != state.fresh).then(|| {
+                    state.fresh = now_fresh;
                     name.clone()
                 })
             })
@@ -535,7 +668,7 @@ impl Conformance {
                         namespace: pod.namespace.to_string(),
                         name: pod.name.to_string(),
                         reason: reason.to_string(),
-                        message,
+                        message: truncated(message, MAX_VIOLATION_MESSAGE_CHARS),
                     }),
                     _ => None,
                 }
@@ -553,6 +686,19 @@ impl Conformance {
             violations,
         })
     }
+}
+
+/// `text` cut to at most `max` characters (with an ellipsis when cut).
+pub fn truncated(mut text: String, max: usize) -> String {
+    if let Some((at, _)) = text.char_indices().nth(max) {
+        let keep = text[..at]
+            .char_indices()
+            .nth(max.saturating_sub(1))
+            .map_or(0, |(i, _)| i);
+        text.truncate(keep);
+        text.push('…');
+    }
+    text
 }
 
 /// Fed by the pod watch through [`crate::runtime::watch::Relist`].

@@ -16,7 +16,8 @@ pub type PodKey = (Arc<str>, Arc<str>);
 /// ReplicaSet have identical labels) are interned: each distinct value is held once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CachedPod {
-    /// The pod UID as a number (a UUID: 16 bytes instead of a 36-character string), to join node reports.
+    /// The UID its node's agent reports it by, as a number (16 bytes instead of a 36-character string): the
+    /// pod UID, or for a static pod's mirror pod the config hash its cgroup is named after.
     pub uid: u128,
     pub namespace: Arc<str>,
     pub name: Arc<str>,
@@ -28,6 +29,12 @@ pub struct CachedPod {
     /// The `keepalive.dev/policy` annotation: which policy the webhook applied.
     pub applied_policy: Option<Arc<str>>,
     pub phase: Option<Arc<str>>,
+    /// `spec.runtimeClassName`.
+    pub runtime_class: Option<Arc<str>>,
+    /// How many reports of its node the controller had received when it first saw the pod running (phase
+    /// Running); `None` while it is not. A pod still missing from a report received two reports later has no
+    /// process the agent could find.
+    pub running_since_report: Option<u32>,
 }
 
 impl CachedPod {
@@ -89,6 +96,7 @@ impl Interner {
     }
 }
 
+/// A pod UID (a dashed UUID) or a static pod's config hash (32 hex digits) as a number; 0 if it is neither.
 pub fn parse_uid(uid: &str) -> u128 {
     let hex: String = uid.chars().filter(|c| *c != '-').collect();
     u128::from_str_radix(&hex, 16).unwrap_or(0)

@@ -309,7 +309,7 @@ fn live_readings_decide_once_a_fresh_report_exists() {
 
     // A relist with the same report judges the same.
     let before = c.summary("all");
-    let same: Vec<(String, NodeLive)> = c.nodes.iter().map(|(n, (l, _))| (n.to_string(), l.clone())).collect();
+    let same: Vec<(String, NodeLive)> = c.nodes.iter().map(|(n, s)| (n.to_string(), s.live.clone())).collect();
     c.replace_node_reports(same, now);
     assert_eq!(c.summary("all"), before);
 
@@ -336,8 +336,10 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     assert_eq!((s.conformant, s.live_verified, s.connections), (5, 0, None));
     assert_consistent(&mut c);
 
-    // A report for n2 appears: its pod, not read yet, awaits its reading; a deleted report forgets the node.
-    c.set_node_report("n2", node_live(now.as_second() + 195, 60, vec![]), now);
+    // A report for n2 appears: its pod, not read yet, awaits its reading; a deleted report forgets the node. The
+    // node's clock is far behind (its scan time is a day old): freshness is judged by when it was received.
+    let later = Timestamp::from_second(now.as_second() + 195).unwrap();
+    c.set_node_report("n2", node_live(now.as_second() - 86_400, 60, vec![]), later);
     c.expire_node_reports(Timestamp::from_second(now.as_second() + 200).unwrap());
     assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), Some(&1));
     c.remove_node_report("n2");
@@ -345,4 +347,110 @@ fn live_readings_decide_once_a_fresh_report_exists() {
     c.remove_pod(&(Arc::from("a"), Arc::from("elsewhere")));
     assert!(!c.by_node.contains_key("n2"), "the node index forgets empty nodes");
     assert_consistent(&mut c);
+}
+
+#[test]
+fn a_running_pod_missing_from_two_reports_is_unverified() {
+    let t = |s: i64| Timestamp::from_second(1_000_000 + s).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[("all", json!({}))]));
+    c.set_node_report("n1", node_live(1, 60, vec![]), t(0));
+    let mut pending = on_node(pod("a", "p", &[], Some("60")), "n1", 9);
+    pending.phase = Some("Pending".into());
+    c.upsert_pod(pending.clone());
+    c.set_node_report("n1", node_live(2, 60, vec![]), t(10));
+    c.set_node_report("n1", node_live(3, 60, vec![]), t(20));
+    // Pending pods have no process yet, however many reports pass.
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), Some(&1));
+    c.upsert_pod(on_node(pod("a", "p", &[], Some("60")), "n1", 9));
+    c.set_node_report("n1", node_live(4, 60, vec![]), t(30));
+    assert_eq!(
+        c.summary("all").unwrap().by_reason.get(&AWAITING),
+        Some(&1),
+        "one report since it runs: it may have been scanned before"
+    );
+    // The same report again (a relist) is not a new one.
+    c.replace_node_reports([("n1".to_string(), node_live(4, 60, vec![]))], t(35));
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), Some(&1));
+    c.set_node_report("n1", node_live(5, 60, vec![]), t(40));
+    let s = c.summary("all").unwrap();
+    assert_eq!(s.by_reason.get(&Reason::Unverified), Some(&1));
+    assert!(
+        s.violations[0].message.contains("found no process"),
+        "{}",
+        s.violations[0].message
+    );
+    // Found at last.
+    c.set_node_report("n1", node_live(6, 60, vec![(9, reading(60, 1, 1))]), t(50));
+    assert_eq!(c.summary("all").unwrap().live_verified, 1);
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn sandboxed_runtimes_are_unverified_and_static_pods_join_by_config_hash() {
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[("all", json!({}))]));
+    let hash = "6d7c0b8a0c6e4f1f9a2b3c4d5e6f7a8b";
+    let mirror: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": "a", "name": "static-n1", "uid": "0f3c2f7e-1a2b-4c5d-8e9f-0123456789ab",
+            "annotations": {"kubernetes.io/config.mirror": hash, "kubernetes.io/config.hash": hash}},
+        "spec": {"nodeName": "n1", "containers": [],
+            "securityContext": {"sysctls": [{"name": "net.ipv4.tcp_keepalive_time", "value": "60"},
+                {"name": "net.ipv4.tcp_keepalive_intvl", "value": "10"},
+                {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"}]}},
+        "status": {"phase": "Running"}
+    }))
+    .unwrap();
+    let cached = c.cached(mirror).unwrap();
+    assert_eq!(
+        cached.uid,
+        parse_uid(hash),
+        "joined by the config hash, not the mirror pod's UID"
+    );
+    c.upsert_pod(cached);
+    let mut kata = on_node(pod("a", "kata", &[], Some("60")), "n1", 2);
+    kata.runtime_class = Some("kata".into());
+    c.upsert_pod(kata);
+    let mut runc = on_node(pod("a", "runc", &[], Some("60")), "n1", 3);
+    runc.runtime_class = Some("plain".into());
+    c.upsert_pod(runc);
+    c.set_runtime_classes(
+        [
+            ("kata".to_string(), "kata-qemu".to_string()),
+            ("plain".to_string(), "runc".to_string()),
+        ]
+        .into(),
+    );
+    c.set_node_report(
+        "n1",
+        node_live(
+            1,
+            60,
+            vec![
+                (parse_uid(hash), reading(60, 1, 1)),
+                (2, reading(60, 1, 1)),
+                (3, reading(60, 1, 1)),
+            ],
+        ),
+        now,
+    );
+    let s = c.summary("all").unwrap();
+    assert_eq!((s.matched, s.live_verified), (3, 2), "the static pod and the runc pod");
+    assert_eq!(s.by_reason.get(&Reason::Unverified), Some(&1));
+    let kata = s.violations.iter().find(|v| v.name == "kata").unwrap();
+    assert!(kata.message.starts_with("sandboxed runtime"), "{}", kata.message);
+    assert!(kata.message.contains("kata-qemu"), "{}", kata.message);
+    // kata's handler declared runc-like: read like any other.
+    c.set_runc_like_handlers(["runc".to_string(), "kata-qemu".to_string()]);
+    assert_eq!(c.summary("all").unwrap().live_verified, 3);
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn long_messages_are_cut_on_character_boundaries() {
+    assert_eq!(truncated("short".into(), 10), "short");
+    let cut = truncated("é".repeat(2000), 1024);
+    assert_eq!(cut.chars().count(), 1024);
+    assert!(cut.ends_with('…'));
 }
