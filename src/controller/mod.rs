@@ -5,6 +5,7 @@ mod caches;
 pub mod conformance;
 mod leader;
 mod metrics;
+mod node_reports;
 mod status_writer;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -58,6 +59,10 @@ pub struct ClusterArgs {
     /// --allowed-unsafe-sysctls listing them). Without it, nothing is injected on such clusters.
     #[arg(long, env = "KEEPALIVE_KUBELET_ALLOWS_KEEPALIVE_SYSCTLS")]
     pub kubelet_allows_keepalive_sysctls: bool,
+    /// RuntimeClass handlers whose pods run in the host's kernel (the agent reads their network namespaces).
+    /// Pods of any other RuntimeClass (Kata, gVisor, …) are reported Unverified: "sandboxed runtime".
+    #[arg(long, env = "KEEPALIVE_VERIFIED_RUNTIME_HANDLERS", value_delimiter = ',', default_values_t = conformance::RUNC_LIKE_HANDLERS.iter().map(|h| h.to_string()))]
+    pub verified_runtime_handlers: Vec<String>,
 }
 
 /// Runs until SIGTERM or Ctrl-C.
@@ -100,7 +105,13 @@ pub async fn run(args: Args) -> Result<()> {
         metrics.leader.clone(),
         stopped.clone(),
     ));
-    let writer = status_writer::StatusWriter::new(client.clone(), caches, cluster, metrics);
+    let writer = status_writer::StatusWriter::new(
+        client.clone(),
+        caches,
+        cluster,
+        args.cluster.verified_runtime_handlers.clone(),
+        metrics,
+    );
     let writing = tokio::spawn(writer.run(leading, stopped));
 
     let listener = server::bind(args.listen).await?;

@@ -1,7 +1,8 @@
 //! The status writer, the conformance controller's I/O shell: feeds [`Conformance`] from the pod and node report
 //! watches and the shared caches, and (on the leader only) writes each changed policy status by server-side
 //! apply — only when the report changed, at most once per [`MIN_WRITE_INTERVAL`] per policy — with an Event on
-//! every condition transition.
+//! every condition transition. It also binds node reports to their Nodes ([`NodeReports`]): stamps each with
+//! an ownerReference to its Node and deletes reports whose Node is gone or was re-created.
 
 use std::{
     collections::HashMap,
@@ -10,10 +11,17 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod},
+        node::v1::RuntimeClass,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Resource,
-    api::{Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, PartialObjectMeta, Preconditions},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -27,6 +35,7 @@ use super::{
     conformance::{self, Conformance, NodeLive},
     leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
+    node_reports::{HeldReport, NodeReports, Trust},
 };
 use crate::{
     api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
@@ -39,6 +48,8 @@ pub const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 /// One status write gets this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A stamp or deletion of one node report is not repeated sooner than this.
+const REPORT_ACTION_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct StatusWriter {
     client: Client,
@@ -54,10 +65,21 @@ pub struct StatusWriter {
     last_write: HashMap<Arc<str>, Instant>,
     /// What this replica last wrote or saw, per policy: to skip unchanged writes and detect transitions.
     last_status: HashMap<String, KeepalivePolicyStatus>,
+    runc_like: Vec<String>,
+    /// Nodes and node reports, and which reports to trust.
+    reports: NodeReports,
+    /// Node reports stamped or deleted lately, and when.
+    report_actions: HashMap<String, Instant>,
 }
 
 impl StatusWriter {
-    pub fn new(client: Client, caches: Arc<Caches>, cluster: ClusterFacts, metrics: ControllerMetrics) -> Self {
+    pub fn new(
+        client: Client,
+        caches: Arc<Caches>,
+        cluster: ClusterFacts,
+        runc_like: Vec<String>,
+        metrics: ControllerMetrics,
+    ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let recorder = Recorder::new(
             client.clone(),
@@ -72,12 +94,21 @@ impl StatusWriter {
             cluster,
             metrics,
             recorder,
-            state: Conformance::new(cluster),
+            state: Self::fresh_state(cluster, &runc_like),
             reports_unreadable: false,
             pending: Default::default(),
             last_write: Default::default(),
             last_status: Default::default(),
+            runc_like,
+            reports: NodeReports::default(),
+            report_actions: Default::default(),
         }
+    }
+
+    fn fresh_state(cluster: ClusterFacts, runc_like: &[String]) -> Conformance {
+        let mut state = Conformance::new(cluster);
+        state.set_runc_like_handlers(runc_like.iter().cloned());
+        state
     }
 
     /// Runs until `shutdown` fires. Only while this replica leads does it watch pods and node reports (a
@@ -90,7 +121,9 @@ impl StatusWriter {
                 _ = shutdown.changed() => return,
             }
             let go_on = self.lead(&mut leading, &mut shutdown).await;
-            self.state = Conformance::new(self.cluster);
+            self.state = Self::fresh_state(self.cluster, &self.runc_like);
+            self.reports = NodeReports::default();
+            self.report_actions.clear();
             self.reports_unreadable = false;
             self.pending.clear();
             self.last_write.clear();
@@ -115,6 +148,16 @@ impl StatusWriter {
         .default_backoff();
         let mut reports = std::pin::pin!(reports);
         let mut report_relist = Relist::default();
+        let nodes =
+            watcher(Api::<PartialObjectMeta<Node>>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        let mut nodes = std::pin::pin!(nodes);
+        let mut node_relist = Relist::default();
+        let classes = watcher(Api::<RuntimeClass>::all(self.client.clone()), watcher::Config::default())
+            .default_backoff();
+        let mut classes = std::pin::pin!(classes);
+        let mut class_relist = Relist::default();
+        let mut runtime_classes = RuntimeClasses::default();
+        let mut touched = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         let mut changes = self.caches.subscribe();
         let mut policies = crate::webhook::Lookup::policies(&*self.caches);
@@ -131,8 +174,9 @@ impl StatusWriter {
                 },
                 event = reports.next() => match event {
                     Some(Ok(event)) => {
-                        let mut reports = Reports { state: &mut self.state, now: Timestamp::now() };
-                        report_relist.handle(&mut reports, event);
+                        let mut index = Reports { reports: &mut self.reports, touched: &mut touched };
+                        report_relist.handle(&mut index, event);
+                        self.sync_reports(&mut touched, leading).await;
                     }
                     Some(Err(e)) => {
                         // Without the node report CRD (no agents installed) or the right to read it, pods are judged
@@ -144,6 +188,33 @@ impl StatusWriter {
                             tracing::warn!(error = %e, "node report watch failed; retrying");
                         }
                     }
+                    None => return false,
+                },
+                event = nodes.next() => match event {
+                    Some(Ok(event)) => {
+                        let mut index = Nodes { reports: &mut self.reports, touched: &mut touched };
+                        node_relist.handle(&mut index, event);
+                        self.sync_reports(&mut touched, leading).await;
+                    }
+                    Some(Err(e)) => {
+                        if !node_relist.synced() && !self.reports.nodes_synced() && is_absent_or_forbidden(&e) {
+                            tracing::warn!(error = %e, "cannot list Nodes: node reports are trusted by name, and \
+                                reports of deleted nodes are not removed");
+                            self.reports.set_nodes_unreadable();
+                            touched.extend(self.reports.names());
+                            self.sync_reports(&mut touched, leading).await;
+                        } else {
+                            tracing::warn!(error = %e, "node watch failed; retrying");
+                        }
+                    }
+                    None => return false,
+                },
+                event = classes.next() => match event {
+                    Some(Ok(event)) => {
+                        class_relist.handle(&mut runtime_classes, event);
+                        self.state.set_runtime_classes(runtime_classes.0.clone());
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "RuntimeClass watch failed; retrying"),
                     None => return false,
                 },
                 _ = changes.changed() => {
@@ -176,6 +247,68 @@ impl StatusWriter {
                     }
                 }
                 _ = shutdown.changed() => return false,
+            }
+        }
+    }
+
+    /// Feeds the conformance state the reports named in `touched` that are trusted, withdraws the others, and
+    /// (leader only) stamps unstamped reports with their Node's UID and deletes reports of gone or re-created
+    /// Nodes.
+    async fn sync_reports(&mut self, touched: &mut Vec<String>, leading: &Leadership) {
+        let now = Timestamp::now();
+        for name in std::mem::take(touched) {
+            let trust = self.reports.trust(&name);
+            match (&trust, self.reports.live(&name)) {
+                (Some(Trust::Trusted), Some(live)) => self.state.set_node_report(&name, live.clone(), now),
+                _ => self.state.remove_node_report(&name),
+            }
+            let action = match trust {
+                Some(Trust::Stamp { node_uid }) => ReportAction::Stamp(node_uid),
+                Some(Trust::Delete { report_uid }) => ReportAction::Delete(report_uid),
+                _ => continue,
+            };
+            let recently = self
+                .report_actions
+                .get(&name)
+                .is_some_and(|at| at.elapsed() < REPORT_ACTION_INTERVAL);
+            if recently || !leading.is_leading_now() {
+                continue;
+            }
+            self.report_actions.insert(name.clone(), Instant::now());
+            let api: Api<KeepaliveNodeReport> = Api::all(self.client.clone());
+            let done = match &action {
+                ReportAction::Stamp(node_uid) => {
+                    // A JSON patch testing the report's UID: never creates a report, never stamps a newer one.
+                    let report_uid = self.reports.uid(&name).unwrap_or_default();
+                    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+                        {"op": "test", "path": "/metadata/uid", "value": report_uid},
+                        {"op": "add", "path": "/metadata/ownerReferences", "value": [{
+                            "apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid,
+                        }]},
+                    ]))
+                    .expect("a well-formed JSON patch");
+                    let (params, patch) = (PatchParams::default(), Patch::<()>::Json(patch));
+                    let call = api.patch(&name, &params, &patch);
+                    tokio::time::timeout(WRITE_TIMEOUT, call).await.map(|r| r.map(|_| ()))
+                }
+                ReportAction::Delete(report_uid) => {
+                    let params = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            uid: Some(report_uid.clone()),
+                            resource_version: None,
+                        }),
+                        ..Default::default()
+                    };
+                    let call = api.delete(&name, &params);
+                    tokio::time::timeout(WRITE_TIMEOUT, call).await.map(|r| r.map(|_| ()))
+                }
+            };
+            match done {
+                Ok(Ok(())) => tracing::info!(report = %name, action = ?action, "node report bound to its node"),
+                // Gone or changed meanwhile: the watch brings what happened.
+                Ok(Err(kube::Error::Api(s))) if matches!(s.code, 404 | 409 | 422) => {}
+                Ok(Err(e)) => tracing::warn!(report = %name, error = %e, "binding a node report failed; will retry"),
+                Err(_) => tracing::warn!(report = %name, "binding a node report timed out; will retry"),
             }
         }
     }
@@ -321,28 +454,94 @@ impl StatusWriter {
     }
 }
 
-/// The node reports as the conformance state keeps them, stamped with when this replica received them.
+#[derive(Debug)]
+enum ReportAction {
+    Stamp(String),
+    Delete(String),
+}
+
+/// The node report watch into [`NodeReports`], noting which reports changed.
 struct Reports<'a> {
-    state: &'a mut Conformance,
-    now: Timestamp,
+    reports: &'a mut NodeReports,
+    touched: &'a mut Vec<String>,
 }
 
 impl Index<KeepaliveNodeReport> for Reports<'_> {
-    type Entry = (String, NodeLive);
+    type Entry = (String, HeldReport);
 
     fn entry(&mut self, report: KeepaliveNodeReport) -> Option<Self::Entry> {
-        Some((report.metadata.name?, NodeLive::from_report(&report.spec)))
+        let name = report.metadata.name?;
+        let held = HeldReport {
+            uid: report.metadata.uid?,
+            owner: HeldReport::node_owner(&name, report.metadata.owner_references.as_deref()),
+            live: NodeLive::from_report(&report.spec),
+        };
+        Some((name, held))
     }
-    fn apply(&mut self, (name, live): Self::Entry) {
-        self.state.set_node_report(&name, live, self.now);
+    fn apply(&mut self, (name, held): Self::Entry) {
+        self.touched.push(name.clone());
+        self.reports.set_report(name, held);
     }
     fn delete(&mut self, report: KeepaliveNodeReport) {
-        if let Some(name) = &report.metadata.name {
-            self.state.remove_node_report(name);
+        if let Some(name) = report.metadata.name {
+            self.reports.remove_report(&name);
+            self.touched.push(name);
         }
     }
     fn reset(&mut self, reports: Vec<Self::Entry>) {
-        self.state.replace_node_reports(reports, self.now);
+        self.touched.extend(self.reports.replace_reports(reports));
+    }
+}
+
+/// The Node watch (metadata only: names and UIDs) into [`NodeReports`], noting whose reports to look at again.
+struct Nodes<'a> {
+    reports: &'a mut NodeReports,
+    touched: &'a mut Vec<String>,
+}
+
+impl Index<PartialObjectMeta<Node>> for Nodes<'_> {
+    type Entry = (String, String);
+
+    fn entry(&mut self, node: PartialObjectMeta<Node>) -> Option<Self::Entry> {
+        Some((node.metadata.name?, node.metadata.uid?))
+    }
+    fn apply(&mut self, (name, uid): Self::Entry) {
+        self.touched.push(name.clone());
+        self.reports.set_node(name, uid);
+    }
+    fn delete(&mut self, node: PartialObjectMeta<Node>) {
+        if let Some(name) = node.metadata.name {
+            self.reports.remove_node(&name);
+            self.touched.push(name);
+        }
+    }
+    fn reset(&mut self, nodes: Vec<Self::Entry>) {
+        self.reports.replace_nodes(nodes);
+        // Every report, also those of nodes that were never listed.
+        self.touched.extend(self.reports.names());
+    }
+}
+
+/// RuntimeClass name → handler.
+#[derive(Default)]
+struct RuntimeClasses(HashMap<String, String>);
+
+impl Index<RuntimeClass> for RuntimeClasses {
+    type Entry = (String, String);
+
+    fn entry(&mut self, class: RuntimeClass) -> Option<Self::Entry> {
+        Some((class.metadata.name?, class.handler))
+    }
+    fn apply(&mut self, (name, handler): Self::Entry) {
+        self.0.insert(name, handler);
+    }
+    fn delete(&mut self, class: RuntimeClass) {
+        if let Some(name) = class.metadata.name {
+            self.0.remove(&name);
+        }
+    }
+    fn reset(&mut self, classes: Vec<Self::Entry>) {
+        self.0 = classes.into_iter().collect();
     }
 }
 

@@ -57,7 +57,7 @@ pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
 /// RuntimeClass handlers whose pods run in the host's kernel, in network namespaces the agent reads: the
 /// default of `--verified-runtime-handlers`.
-pub const RUNC_LIKE_HANDLERS: &[&str] = &["runc", "crun", "youki", "runsc-none"];
+pub const RUNC_LIKE_HANDLERS: &[&str] = &["runc", "crun", "youki"];
 
 /// What a node agent read of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
