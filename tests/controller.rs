@@ -304,3 +304,229 @@ async fn deleted_namespaces_deleted_policies_and_a_restarted_apiserver_do_not_st
     assert!(op.running(), "the operator kept running:\n{}", op.logs());
     op.stop();
 }
+
+/// Node reports belong to one incarnation of their Node: stamped with its UID, deleted when it is gone or
+/// re-created; judged fresh by when the controller received them (a node clock a day behind changes nothing);
+/// joined to pods by UID, static pods by their mirror pod's config hash; sandboxed runtimes unverified; a running
+/// pod the agent cannot find is reported.
+#[tokio::test]
+async fn node_reports_follow_their_nodes_and_join_pods_by_uid() {
+    use k8s_openapi::api::{core::v1::Node, node::v1::RuntimeClass};
+    use keepalive_operator::api::KeepaliveNodeReport;
+
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    ensure_namespace(&client, "keepalive-system").await;
+    let dir = cp.work_dir().join("node-bound");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_ca, cert, key) = write_serving_cert(&dir);
+    let _op = operator(
+        cp,
+        "node-bound",
+        &[
+            &format!("--tls-cert-file={}", cert.display()),
+            &format!("--tls-key-file={}", key.display()),
+        ],
+    );
+    let nodes: Api<Node> = Api::all(client.clone());
+    let create_node = |name: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+            nodes
+                .create(&Default::default(), &node)
+                .await
+                .unwrap()
+                .metadata
+                .uid
+                .unwrap()
+        }
+    };
+    let first_uid = create_node("nb-a").await;
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    let kata: RuntimeClass =
+        serde_json::from_value(json!({"metadata": {"name": "nb-kata"}, "handler": "kata-qemu"})).unwrap();
+    classes.create(&Default::default(), &kata).await.unwrap();
+
+    namespace(&client, "node-bound", &[("test", "node-bound")]).await;
+    create_policy(
+        &client,
+        "node-bound",
+        json!({"namespaceSelector": {"matchLabels": {"test": "node-bound"}}, "mode": "Audit",
+               "keepalive": {"time": 30, "interval": 5, "probes": 3}}),
+    )
+    .await;
+    let hash = "0123456789abcdef0123456789abcdef";
+    let spec = |extra: serde_json::Value| {
+        let mut base = json!({"spec": {"nodeName": "nb-a", "securityContext": {"sysctls": [
+            {"name": "net.ipv4.tcp_keepalive_time", "value": "30"},
+            {"name": "net.ipv4.tcp_keepalive_intvl", "value": "5"},
+            {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"}]}}});
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                match (b.get_mut(k), v) {
+                    (Some(serde_json::Value::Object(b)), serde_json::Value::Object(v)) => b.extend(v.clone()),
+                    _ => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        base
+    };
+    let plain = create_pod(&client, "node-bound", "plain", spec(json!({})))
+        .await
+        .unwrap();
+    create_pod(
+        &client,
+        "node-bound",
+        "static-nb-a",
+        spec(json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": hash, "kubernetes.io/config.hash": hash}}})),
+    )
+    .await
+    .unwrap();
+    let sandboxed = create_pod(
+        &client,
+        "node-bound",
+        "sandboxed",
+        spec(json!({"spec": {"runtimeClassName": "nb-kata"}})),
+    )
+    .await
+    .unwrap();
+    create_pod(&client, "node-bound", "missing", spec(json!({})))
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "node-bound");
+    for name in ["plain", "static-nb-a", "sandboxed", "missing"] {
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}})),
+        )
+        .await
+        .unwrap();
+    }
+    let s = status_where(&client, "node-bound", "four pods conformant by spec", |s| {
+        counts(s) == (4, 4)
+    })
+    .await;
+    assert_eq!(s.live_verified_pods, Some(0));
+
+    // The agent of nb-a reports, its clock a day behind: every pod it found by UID has the policy's values.
+    let reports: Api<KeepaliveNodeReport> = Api::all(client.clone());
+    let reading = |uid: &str| {
+        json!({"uid": uid, "sysctls": {"time": 30, "interval": 5, "probes": 3},
+        "established": 1, "keepalive": 1, "readAt": "2026-01-01T00:00:00Z"})
+    };
+    let write = |node: &'static str, scan: u32| {
+        let reports = reports.clone();
+        let entries = json!([
+            reading(&plain.metadata.uid.clone().unwrap()),
+            reading(hash),
+            reading(&sandboxed.metadata.uid.clone().unwrap())
+        ]);
+        async move {
+            let last_scan = format!("2020-01-01T00:00:{scan:02}Z");
+            let object = json!({"apiVersion": "keepalive.dev/v1alpha1", "kind": "KeepaliveNodeReport",
+                "metadata": {"name": node},
+                "spec": {"lastScan": last_scan, "heartbeatSeconds": 60, "scanIntervalSeconds": 10,
+                         "verifiedPods": 3, "pods": entries}});
+            reports
+                .patch(
+                    node,
+                    &PatchParams::apply("keepalive-agent").force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    write("nb-a", 1).await;
+    let stamped = eventually(Duration::from_secs(30), "the report stamped with its node", || async {
+        let r = reports.get_opt("nb-a").await.ok()??;
+        r.metadata
+            .owner_references
+            .filter(|o| o.iter().any(|o| o.kind == "Node" && o.uid == first_uid))
+    })
+    .await;
+    assert_eq!(stamped.len(), 1);
+    let s = status_where(
+        &client,
+        "node-bound",
+        "the plain and the static pod live-verified",
+        |s| s.live_verified_pods == Some(2),
+    )
+    .await;
+    let unverified = s
+        .violations
+        .iter()
+        .find(|v| v.name == "sandboxed")
+        .expect("the sandboxed pod");
+    assert_eq!(unverified.reason, "Unverified");
+    assert!(
+        unverified.message.starts_with("sandboxed runtime"),
+        "{}",
+        unverified.message
+    );
+    assert!(
+        s.violations.iter().all(|v| v.name != "static-nb-a"),
+        "{:?}",
+        s.violations
+    );
+    // Two more reports without the running pod "missing": the agent found no process of it.
+    write("nb-a", 2).await;
+    write("nb-a", 3).await;
+    let s = status_where(&client, "node-bound", "the pod without a process unverified", |s| {
+        s.violations
+            .iter()
+            .any(|v| v.name == "missing" && v.reason == "Unverified")
+    })
+    .await;
+    let missing = s.violations.iter().find(|v| v.name == "missing").unwrap();
+    assert!(missing.message.contains("found no process"), "{}", missing.message);
+
+    // A report of a node that does not exist is deleted.
+    write("nb-ghost", 1).await;
+    eventually(Duration::from_secs(30), "the ghost node's report deleted", || async {
+        reports.get_opt("nb-ghost").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // The node is re-created under the same name: the old incarnation's report goes, pods fall back to spec.
+    nodes.delete("nb-a", &DeleteParams::default()).await.unwrap();
+    let second_uid = create_node("nb-a").await;
+    assert_ne!(first_uid, second_uid);
+    eventually(
+        Duration::from_secs(30),
+        "the old incarnation's report deleted",
+        || async { reports.get_opt("nb-a").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    status_where(&client, "node-bound", "pods judged by spec again", |s| {
+        s.live_verified_pods == Some(0)
+    })
+    .await;
+    // The new node's agent reports: stamped with the new UID and trusted.
+    write("nb-a", 4).await;
+    eventually(
+        Duration::from_secs(30),
+        "the new report stamped with the new node",
+        || async {
+            let r = reports.get_opt("nb-a").await.ok()??;
+            r.metadata
+                .owner_references
+                .filter(|o| o.iter().any(|o| o.uid == second_uid))
+        },
+    )
+    .await;
+    status_where(&client, "node-bound", "live-verified again", |s| {
+        s.live_verified_pods == Some(2)
+    })
+    .await;
+    nodes.delete("nb-a", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(30), "the deleted node's report deleted", || async {
+        reports.get_opt("nb-a").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    classes.delete("nb-kata", &DeleteParams::default()).await.unwrap();
+}

@@ -64,9 +64,7 @@ impl NodeReports {
             (Some(_), Some(_)) => Trust::Delete {
                 report_uid: report.uid.clone(),
             },
-            (Some(node), None) => Trust::Stamp {
-                node_uid: node.clone(),
-            },
+            (Some(node), None) => Trust::Stamp { node_uid: node.clone() },
             (None, _) if self.nodes_synced => Trust::Delete {
                 report_uid: report.uid.clone(),
             },
@@ -81,6 +79,15 @@ impl NodeReports {
 
     pub fn live(&self, name: &str) -> Option<&NodeLive> {
         self.reports.get(name).map(|r| &r.live)
+    }
+
+    /// The reports waiting to be stamped or deleted.
+    pub fn unsettled(&self) -> Vec<String> {
+        self.reports
+            .keys()
+            .filter(|name| matches!(self.trust(name), Some(Trust::Stamp { .. } | Trust::Delete { .. })))
+            .cloned()
+            .collect()
     }
 
     /// Every report's name.
@@ -165,15 +172,34 @@ mod tests {
         assert_eq!(r.trust("a"), Some(Trust::Trusted));
         // The node is re-created under the same name: the old report is not its own.
         r.set_node("a".into(), "n2".into());
-        assert_eq!(r.trust("a"), Some(Trust::Delete { report_uid: "r1".into() }));
+        assert_eq!(
+            r.trust("a"),
+            Some(Trust::Delete {
+                report_uid: "r1".into()
+            })
+        );
         // A report of a node that does not exist.
         r.set_report("ghost".into(), report("r2", Some("n9")));
-        assert_eq!(r.trust("ghost"), Some(Trust::Delete { report_uid: "r2".into() }));
+        assert_eq!(
+            r.trust("ghost"),
+            Some(Trust::Delete {
+                report_uid: "r2".into()
+            })
+        );
         r.remove_node("a");
-        assert_eq!(r.trust("a"), Some(Trust::Delete { report_uid: "r1".into() }));
+        assert_eq!(
+            r.trust("a"),
+            Some(Trust::Delete {
+                report_uid: "r1".into()
+            })
+        );
         assert_eq!(r.trust("none"), None);
         r.set_nodes_unreadable();
-        assert_eq!(r.trust("ghost"), Some(Trust::Trusted), "without node reads: by name, as before");
+        assert_eq!(
+            r.trust("ghost"),
+            Some(Trust::Trusted),
+            "without node reads: by name, as before"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    api::{DeleteParams, Patch, PatchParams, PartialObjectMeta, Preconditions},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -148,12 +148,18 @@ impl StatusWriter {
         .default_backoff();
         let mut reports = std::pin::pin!(reports);
         let mut report_relist = Relist::default();
-        let nodes =
-            watcher(Api::<PartialObjectMeta<Node>>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        let nodes = watcher(
+            Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff();
         let mut nodes = std::pin::pin!(nodes);
         let mut node_relist = Relist::default();
-        let classes = watcher(Api::<RuntimeClass>::all(self.client.clone()), watcher::Config::default())
-            .default_backoff();
+        let classes = watcher(
+            Api::<RuntimeClass>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff();
         let mut classes = std::pin::pin!(classes);
         let mut class_relist = Relist::default();
         let mut runtime_classes = RuntimeClasses::default();
@@ -238,6 +244,10 @@ impl StatusWriter {
                 }
                 _ = leading.lost() => return true,
                 _ = tick.tick() => {
+                    // Stamps and deletions that failed or were held back are tried again.
+                    self.report_actions.retain(|_, at| at.elapsed() < REPORT_ACTION_INTERVAL);
+                    touched.extend(self.reports.unsettled());
+                    self.sync_reports(&mut touched, leading).await;
                     self.metrics.cache_objects(Cache::Pods, self.state.pod_count());
                     self.state.expire_node_reports(Timestamp::now());
                     let leader = leading.is_leading_now();
@@ -267,14 +277,16 @@ impl StatusWriter {
                 Some(Trust::Delete { report_uid }) => ReportAction::Delete(report_uid),
                 _ => continue,
             };
+            // The same action on the same report is not repeated at once (the tick retries it later).
+            let key = format!("{name}/{action:?}");
             let recently = self
                 .report_actions
-                .get(&name)
+                .get(&key)
                 .is_some_and(|at| at.elapsed() < REPORT_ACTION_INTERVAL);
             if recently || !leading.is_leading_now() {
                 continue;
             }
-            self.report_actions.insert(name.clone(), Instant::now());
+            self.report_actions.insert(key, Instant::now());
             let api: Api<KeepaliveNodeReport> = Api::all(self.client.clone());
             let done = match &action {
                 ReportAction::Stamp(node_uid) => {
