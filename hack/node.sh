@@ -271,7 +271,7 @@ wait_for() {
 }
 
 write_configs() {
-  mkdir -p "$state/containerd" "$state/cni/net.d" "$state/cni/ipam" "$state/kubelet"
+  mkdir -p "$state/containerd" "$state/cni/net.d" "$state/cni/ipam" "$state/kubelet" "$state/kubelet/manifests"
   cat >"$state/containerd/config.toml" <<EOF
 version = 2
 root = "$state/containerd/root"
@@ -345,7 +345,9 @@ cgroupDriver: cgroupfs
 failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://$run/containerd.sock
-staticPodPath: ""
+# Static pods: the e2e drops a manifest here (the agent must verify them through their mirror pod's config hash).
+staticPodPath: $state/kubelet/manifests
+fileCheckFrequency: 5s
 resolvConf: /etc/resolv.conf
 # Plenty of room is not guaranteed on a shared machine: do not evict or collect images here.
 evictionHard: {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"}
