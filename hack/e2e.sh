@@ -78,6 +78,7 @@ WORKLOAD_IMAGE=localhost/keepalive-e2e/workload:1
 NS=e2e-keepalive
 PLAIN_NS=e2e-plain
 REL_NS=keepalive-system
+NODE_NAME="$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')"
 
 # pid of the first process of a pod's container (via containerd's task list)
 pod_pid() { # NAMESPACE POD
@@ -357,27 +358,21 @@ kap="$(kubectl get kap e2e-fast -o jsonpath='{.status.matchedPods} {.status.conf
 [[ $kap == "2 2 2 4/6" ]] && pass "kubectl get kap: matched 2, conformant 2, live 2, coverage 4/6 (keepalive/established)" \
   || fail "kubectl get kap: matched/conformant/live/coverage = '$kap', want '2 2 2 4/6'"
 kanr="$(kubectl get kanr -o json)"
-if python3 - "$kanr" "$NS" <<'EOF'
+client_uids="$(kubectl get pods -n "$NS" -l app=clients -o jsonpath='{range .items[*]}{.metadata.uid}{" "}{end}')"
+node_uid="$(kubectl get node "$NODE_NAME" -o jsonpath='{.metadata.uid}')"
+if python3 - "$kanr" "$client_uids" "$NODE_NAME" "$node_uid" <<'EOF'
 import json, sys
-doc = json.loads(sys.argv[1]); ns = sys.argv[2]
-# any pod entry of the namespace with the live values 20/5/3, wherever the report keeps them
-def walk(o):
-    if isinstance(o, dict):
-        yield o
-        for v in o.values(): yield from walk(v)
-    elif isinstance(o, list):
-        for v in o: yield from walk(v)
-found = 0
-for item in doc["items"]:
-    for o in walk(item.get("spec", {})):
-        if o.get("namespace") == ns:
-            vals = json.dumps(o)
-            if all(f'"{k}": {v}' in vals for k, v in (("time", 20), ("interval", 5), ("probes", 3))):
-                found += 1
-sys.exit(0 if found >= 2 else 1)
+doc = json.loads(sys.argv[1]); uids = sys.argv[2].split(); node, node_uid = sys.argv[3], sys.argv[4]
+# The agent reads no pods: its entries are by pod UID, joined to pods by the controller.
+report = next(i for i in doc["items"] if i["metadata"]["name"] == node)
+entries = {p["uid"]: p for p in report["spec"].get("pods", [])}
+ok = all(entries.get(u, {}).get("sysctls") == {"time": 20, "interval": 5, "probes": 3} for u in uids)
+owners = [(o["kind"], o["uid"]) for o in report["metadata"].get("ownerReferences", [])]
+print(f"  report {node}: {len(entries)} pod entries, owner {owners}")
+sys.exit(0 if ok and owners == [("Node", node_uid)] else 1)
 EOF
-then pass "KeepaliveNodeReport: the agent reports live time/interval/probes 20/5/3 for both client pods"
-else fail "KeepaliveNodeReport: live 20/5/3 for both client pods not found"; fi
+then pass "KeepaliveNodeReport: live time/interval/probes 20/5/3 for both client pods by UID; owned by the Node (its UID)"
+else fail "KeepaliveNodeReport: live 20/5/3 for both client pods by UID, or the Node ownerReference, not found"; fi
 
 # --- a pod created while the operator is down ---------------------------------------------------------------------------
 stage="operator scaled to 0"
@@ -403,6 +398,49 @@ kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}  violation: 
 if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; then
   pass "operator back: policy status lists pod 'late' as NotMutated"
 else fail "operator back: 'late' not NotMutated in the policy status"; fi
+
+# --- a static pod: verified through its mirror pod's config hash --------------------------------------------------------
+stage="static pod"
+static_dir="$state/kubelet/manifests"
+cat >"$static_dir/e2e-static.yaml" <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: e2e-static
+  namespace: $NS
+spec:
+  securityContext:
+    sysctls:
+      - {name: net.ipv4.tcp_keepalive_time, value: "20"}
+      - {name: net.ipv4.tcp_keepalive_intvl, value: "5"}
+      - {name: net.ipv4.tcp_keepalive_probes, value: "3"}
+  containers:
+    - name: server
+      image: $WORKLOAD_IMAGE
+      imagePullPolicy: Never
+      args: [server, --listen, ":7001"]
+EOF
+static_pod="e2e-static-$NODE_NAME"
+deadline=$((SECONDS + 90))
+until [[ $(kubectl get pod -n "$NS" "$static_pod" -o jsonpath='{.status.phase}' 2>/dev/null) == Running ]]; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+mirror_hash="$(kubectl get pod -n "$NS" "$static_pod" -o jsonpath='{.metadata.annotations.kubernetes\.io/config\.mirror}' 2>/dev/null || true)"
+mirror_uid="$(kubectl get pod -n "$NS" "$static_pod" -o jsonpath='{.metadata.uid}' 2>/dev/null || true)"
+say "static pod $static_pod: mirror pod UID $mirror_uid, config hash $mirror_hash"
+deadline=$((SECONDS + 90))
+until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' | grep -x 3 >/dev/null; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+in_report="$(kubectl get kanr "$NODE_NAME" -o jsonpath='{range .spec.pods[*]}{.uid}={.sysctls.time}{"\n"}{end}' | grep -x "$mirror_hash=20" || true)"
+static_violation="$(kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep "^$static_pod=" || true)"
+if [[ -n $mirror_hash && -n $in_report && -z $static_violation ]] &&
+  kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' | grep -x 3 >/dev/null; then
+  pass "static pod: the agent reports it by its config hash ($mirror_hash), the policy counts it live-verified (3 live)"
+else fail "static pod: hash '$mirror_hash' in report '$in_report', violation '$static_violation', live $(kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}')"; fi
+rm -f "$static_dir/e2e-static.yaml"
 
 # --- pod creation through a rolling restart of the operator -------------------------------------------------------------
 stage="rollout restart"
