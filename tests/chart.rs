@@ -275,12 +275,20 @@ fn options_render_as_documented() {
         "node-agents"
     );
     assert!(find(&objects, "Namespace", "node-agents").is_some());
-    let policy = find(&objects, "ValidatingAdmissionPolicy", "ka-keepalive-operator-agent-node-bound").unwrap();
+    let policy = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "ka-keepalive-operator-agent-node-bound",
+    )
+    .unwrap();
     assert_eq!(
         policy["spec"]["matchConditions"][0]["expression"],
         "request.userInfo.username == \"system:serviceaccount:node-agents:ka-keepalive-operator-agent\""
     );
-    let objects = template("1.35.0", &["agent.namespace=node-agents", "agent.createNamespace=false"]);
+    let objects = template(
+        "1.35.0",
+        &["agent.namespace=node-agents", "agent.createNamespace=false"],
+    );
     assert!(objects.iter().all(|o| o["kind"] != "Namespace"));
     // The release namespace cannot be created by the chart.
     let chart = chart_dir();
@@ -297,7 +305,10 @@ fn options_render_as_documented() {
     ])
     .expect_err("the agent in the release namespace, created by the chart");
     assert!(err.contains("agent.namespace is the release namespace"), "{err}");
-    let objects = template("1.35.0", &[&format!("agent.namespace={NS}"), "agent.createNamespace=false"]);
+    let objects = template(
+        "1.35.0",
+        &[&format!("agent.namespace={NS}"), "agent.createNamespace=false"],
+    );
     assert_eq!(
         find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap()["metadata"]["namespace"],
         NS
@@ -579,7 +590,11 @@ fn network_policy_opens_the_webhook_and_limits_the_admin_port() {
     );
 
     let agent_policy = find(&objects, "NetworkPolicy", &format!("{FULLNAME}-agent")).unwrap();
-    assert_eq!(agent_policy["spec"]["ingress"], json!([]), "no peer: the agent's admin port closed");
+    assert_eq!(
+        agent_policy["spec"]["ingress"],
+        json!([]),
+        "no peer: the agent's admin port closed"
+    );
 
     let objects = template("1.35.0", &["networkPolicy.enabled=false"]);
     assert!(objects.iter().all(|o| o["kind"] != "NetworkPolicy"));

@@ -52,8 +52,12 @@ fn report(name: &str, spec: Value) -> Value {
 /// Server-side apply as the agent does it (field manager `keepalive-agent`).
 async fn apply(api: &Api<KeepaliveNodeReport>, object: &Value) -> kube::Result<KeepaliveNodeReport> {
     let name = object["metadata"]["name"].as_str().unwrap();
-    api.patch(name, &PatchParams::apply("keepalive-agent").force(), &Patch::Apply(object))
-        .await
+    api.patch(
+        name,
+        &PatchParams::apply("keepalive-agent").force(),
+        &Patch::Apply(object),
+    )
+    .await
 }
 
 /// The apiserver's refusal: (HTTP code, message); panics if the request was accepted.
@@ -128,13 +132,13 @@ async fn an_agent_writes_only_the_report_of_its_own_node() {
     let token = pod_bound_token(cp, AGENT_NS, AGENT_SA, "agent-on-node-a", "node-a");
     let kubeconfig = token_client_config(cp, "agent-on-node-a", &token);
     let user = whoami(cp, &kubeconfig);
-    assert_eq!(
-        user["username"],
-        format!("system:serviceaccount:{AGENT_NS}:{AGENT_SA}")
-    );
+    assert_eq!(user["username"], format!("system:serviceaccount:{AGENT_NS}:{AGENT_SA}"));
     // Without this the test below would prove nothing: the node name is in the request's user info.
     assert_eq!(user["extra"][NODE_NAME_EXTRA], json!(["node-a"]), "{user}");
-    assert_eq!(user["extra"]["authentication.kubernetes.io/pod-name"], json!(["agent-on-node-a"]));
+    assert_eq!(
+        user["extra"]["authentication.kubernetes.io/pod-name"],
+        json!(["agent-on-node-a"])
+    );
 
     let agent = client_from_kubeconfig(&kubeconfig).await;
     let as_agent: Api<KeepaliveNodeReport> = Api::all(agent.clone());
@@ -203,7 +207,9 @@ async fn an_agent_writes_only_the_report_of_its_own_node() {
     );
 
     // Other users are not matched: an admin writes node-b's report (the controller's patches are not the agent's).
-    apply(&as_admin, &report("node-b", json!({}))).await.expect("admin writes node-b's report");
+    apply(&as_admin, &report("node-b", json!({})))
+        .await
+        .expect("admin writes node-b's report");
 
     // Deleting: the agent has no delete right at all (RBAC) ...
     let (code, text) = refusal(
@@ -311,9 +317,11 @@ async fn an_agent_writes_only_the_report_of_its_own_node() {
         .patch(
             "node-a",
             &PatchParams::apply("keepalive-controller"),
-            &Patch::Apply(json!({"apiVersion": "keepalive.dev/v1alpha1", "kind": "KeepaliveNodeReport",
+            &Patch::Apply(
+                json!({"apiVersion": "keepalive.dev/v1alpha1", "kind": "KeepaliveNodeReport",
                 "metadata": {"name": "node-a", "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
-                    "name": "node-a", "uid": node_a_uid}]}})),
+                    "name": "node-a", "uid": node_a_uid}]}}),
+            ),
         )
         .await
         .expect("the operator sets the report's ownerReference");

@@ -65,7 +65,9 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert!(out.contains("STATUS: deployed"), "{out}");
     assert!(out.contains("kubectl get kap"), "NOTES tell what to do next:\n{out}");
     assert!(
-        out.contains(&format!("kubectl label namespace {NS} --overwrite pod-security.kubernetes.io/enforce=restricted")),
+        out.contains(&format!(
+            "kubectl label namespace {NS} --overwrite pod-security.kubernetes.io/enforce=restricted"
+        )),
         "NOTES tell to label the release namespace restricted:\n{out}"
     );
     assert!(out.contains(&format!("runs in namespace {AGENT_NS}")), "{out}");
@@ -83,7 +85,12 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         "restricted"
     );
     // Node-bound writes: the policy and its binding (proven in tests/node_trust.rs).
-    let vap = get("validatingadmissionpolicy", &format!("{FULLNAME}-agent-node-bound"), None).expect("the policy");
+    let vap = get(
+        "validatingadmissionpolicy",
+        &format!("{FULLNAME}-agent-node-bound"),
+        None,
+    )
+    .expect("the policy");
     assert_eq!(vap["spec"]["failurePolicy"], "Fail");
     assert_eq!(
         vap["spec"]["matchConditions"][0]["expression"],
@@ -223,7 +230,8 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     let ds = get("daemonset", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).expect("the agent in its namespace");
     assert!(get("serviceaccount", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).is_some());
     // Its admin port: only from the release namespace and `monitoring`.
-    let agent_np = get("networkpolicy", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).expect("the agent's NetworkPolicy");
+    let agent_np =
+        get("networkpolicy", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).expect("the agent's NetworkPolicy");
     assert_eq!(
         agent_np["spec"]["podSelector"]["matchLabels"],
         ds["spec"]["selector"]["matchLabels"]
@@ -569,8 +577,16 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         ("daemonset", "ka-keepalive-operator-agent", Some(AGENT_NS)),
         ("serviceaccount", "ka-keepalive-operator-agent", Some(AGENT_NS)),
         ("networkpolicy", "ka-keepalive-operator-agent", Some(AGENT_NS)),
-        ("validatingadmissionpolicy", "ka-keepalive-operator-agent-node-bound", None),
-        ("validatingadmissionpolicybinding", "ka-keepalive-operator-agent-node-bound", None),
+        (
+            "validatingadmissionpolicy",
+            "ka-keepalive-operator-agent-node-bound",
+            None,
+        ),
+        (
+            "validatingadmissionpolicybinding",
+            "ka-keepalive-operator-agent-node-bound",
+            None,
+        ),
         ("service", FULLNAME, Some(NS)),
         ("networkpolicy", FULLNAME, Some(NS)),
         ("serviceaccount", FULLNAME, Some(NS)),
@@ -588,7 +604,9 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     // The agent's namespace is the release's: deleted (no namespace controller runs here to finish it).
     let agent_ns = get("namespace", AGENT_NS, None);
     assert!(
-        agent_ns.as_ref().is_none_or(|ns| ns["status"]["phase"] == "Terminating"),
+        agent_ns
+            .as_ref()
+            .is_none_or(|ns| ns["status"]["phase"] == "Terminating"),
         "{agent_ns:?}"
     );
     for crd in ["keepalivepolicies.keepalive.dev", "keepalivenodereports.keepalive.dev"] {

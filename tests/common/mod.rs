@@ -364,7 +364,10 @@ pub fn kubectl_apply(cp: &ControlPlane, object: &serde_json::Value) -> serde_jso
 
 /// A Node object (no kubelet behind it: it only exists); its UID.
 pub fn node_object(cp: &ControlPlane, name: &str) -> String {
-    let node = kubectl_apply(cp, &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}));
+    let node = kubectl_apply(
+        cp,
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+    );
     node["metadata"]["uid"].as_str().unwrap().to_string()
 }
 
@@ -382,7 +385,11 @@ pub fn whoami(cp: &ControlPlane, kubeconfig: &Path) -> serde_json::Value {
         .args(["auth", "whoami", "-o", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "kubectl auth whoami: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl auth whoami: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let review: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     review["status"]["userInfo"].clone()
 }

@@ -146,7 +146,8 @@ impl ControlPlane {
                           "automountServiceAccountToken": false,
                           "containers": [{{"name": "agent", "image": "registry.invalid/agent:1"}}]}}}}"#
         );
-        let stored: serde_json::Value = serde_json::from_str(&self.apply_json(&format!("pod-{namespace}-{pod}"), &pod_object)?)?;
+        let stored: serde_json::Value =
+            serde_json::from_str(&self.apply_json(&format!("pod-{namespace}-{pod}"), &pod_object)?)?;
         let uid = stored["metadata"]["uid"].as_str().context("the pod's uid")?;
         let token = self.kubectl_output(&[
             "create",
