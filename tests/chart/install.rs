@@ -553,15 +553,21 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         .unwrap();
     let agent_process = HostProcess::spawn(cp, "chart-agent", &agent_args, &agent_kubeconfig);
     let reports: kube::Api<keepalive_operator::api::KeepaliveNodeReport> = kube::Api::all(client.clone());
-    eventually(Duration::from_secs(30), "the agent's node report", || async {
-        let r = reports.get_opt("chart-node").await.ok()??;
-        let managers = r.metadata.managed_fields.unwrap_or_default();
-        managers
-            .iter()
-            .any(|m| m.manager.as_deref() == Some("keepalive-agent"))
-            .then_some(())
-    })
-    .await;
+    // Written by the agent (its field manager), with nothing but the rights above and its pod's token.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = reports.get_opt("chart-node").await.unwrap();
+        let managers = report.and_then(|r| r.metadata.managed_fields).unwrap_or_default();
+        if managers.iter().any(|m| m.manager.as_deref() == Some("keepalive-agent")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report of chart-node written by the agent after 30 s:\n{}",
+            agent_process.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Its probes: ready once the report is written.
     assert_eq!(cluster::http_get(agent_admin, "/readyz").map(|(c, _)| c), Some(200));
     assert_never_forbidden(&agent_process);
