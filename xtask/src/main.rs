@@ -209,7 +209,12 @@ fn demo(hold: bool) -> Result<()> {
     step("Building the operator (cargo build)");
     run(cargo().args(["build", "--quiet", "--bin", "keepalive-operator"]))?;
     let cp = start_control_plane(false)?;
-    let binary = tools::repo_root().join("target/debug/keepalive-operator");
+    // Where `cargo build` put it: CARGO_TARGET_DIR when set, else the repository's target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tools::repo_root().join("target"));
+    let binary = tools::repo_root().join(target_dir).join("debug/keepalive-operator");
 
     let (port, admin) = (cluster::free_port()?, cluster::free_port()?);
     step("helm install: the chart's CRDs, ServiceAccounts, RBAC and webhook (registered by URL to this host)");
