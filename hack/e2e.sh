@@ -9,7 +9,8 @@
 #
 # 1. hack/node.sh up (etcd, apiserver, controller-manager, scheduler, kubelet, containerd; see there);
 # 2. the operator image (hack/image.sh; KEEPALIVE_IMAGE_PROFILE=dev for a quicker build) imported into containerd,
-#    `helm install` of charts/keepalive-operator; the operator and agent pods become Ready;
+#    `helm install` of charts/keepalive-operator into keepalive-system (Pod Security "restricted"), the agent in
+#    keepalive-system-agent ("privileged"); the operator and agent pods become Ready;
 # 3. a KeepalivePolicy time 20 / interval 5 / probes 3 for the namespace e2e-keepalive, a server pod (namespace
 #    e2e-plain, no policy) and the client Deployment (2 pods, each holding 2 connections with SO_KEEPALIVE and
 #    1 without);
@@ -79,6 +80,8 @@ NS=e2e-keepalive
 PLAIN_NS=e2e-plain
 REL_NS=keepalive-system
 NODE_NAME="$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')"
+# The agent's own namespace (the chart's default: the release namespace + "-agent"), Pod Security "privileged".
+AGENT_NS=keepalive-system-agent
 
 # pid of the first process of a pod's container (via containerd's task list)
 pod_pid() { # NAMESPACE POD
@@ -101,8 +104,10 @@ pass "operator image built and imported as localhost/keepalive-operator:$version
 stage="helm install"
 t=$SECONDS
 kubectl create namespace "$REL_NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-# The agent needs hostPID and two capabilities: Pod Security "privileged" in its namespace.
-kubectl label namespace "$REL_NS" --overwrite pod-security.kubernetes.io/enforce=privileged >/dev/null
+# Helm cannot manage the release namespace: it enforces Pod Security "restricted" before the install, as the README
+# says. The agent (hostPID, two capabilities) runs in a namespace of its own, which the chart creates "privileged".
+kubectl label namespace "$REL_NS" --overwrite pod-security.kubernetes.io/enforce=restricted \
+  pod-security.kubernetes.io/audit=restricted pod-security.kubernetes.io/warn=restricted >/dev/null
 helm upgrade --install keepalive "$root/charts/keepalive-operator" -n "$REL_NS" \
   --set image.repository=localhost/keepalive-operator --set image.tag="$version" --set image.pullPolicy=Never \
   --set operator.logFormat=text --set agent.logFormat=text ${KEEPALIVE_E2E_HELM_ARGS:-} \
@@ -113,19 +118,32 @@ if kubectl rollout status -n "$REL_NS" deployment/keepalive-keepalive-operator -
   pass "helm install: operator Deployment Ready ($((SECONDS - t)) s)"
 else fail "helm install: operator Deployment Ready"; fi
 operator_deploy="$(kubectl get deploy -n "$REL_NS" -l app.kubernetes.io/component=operator -o name)"
-check "helm install: agent DaemonSet Ready" kubectl rollout status -n "$REL_NS" daemonset -l app.kubernetes.io/component=agent --timeout=60s
+check "helm install: agent DaemonSet Ready (namespace $AGENT_NS)" kubectl rollout status -n "$AGENT_NS" daemonset -l app.kubernetes.io/component=agent --timeout=60s
+kubectl get pods -n "$AGENT_NS" -o wide
+# Pod Security: the operator's namespace enforces "restricted" (its pods were admitted under it), the agent's
+# "privileged"; no agent in the release namespace.
+psa_level() { kubectl get namespace "$1" -o jsonpath='{.metadata.labels.pod-security\.kubernetes\.io/enforce}'; }
+if [[ $(psa_level "$REL_NS") == restricted ]] &&
+  [[ $(kubectl get pods -n "$REL_NS" -l app.kubernetes.io/component=operator -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | sort -u) == True ]]
+then pass "Pod Security: namespace $REL_NS enforces restricted, the operator's pods run and are Ready there"
+else fail "Pod Security: namespace $REL_NS enforces restricted, the operator's pods run and are Ready there"; fi
+if [[ $(psa_level "$AGENT_NS") == privileged ]] &&
+  [[ $(kubectl get pods -n "$AGENT_NS" -l app.kubernetes.io/component=agent -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | sort -u) == True ]] &&
+  [[ -z $(kubectl get pods -n "$REL_NS" -l app.kubernetes.io/component=agent -o name) ]]
+then pass "Pod Security: namespace $AGENT_NS enforces privileged, the agent's pods run and are Ready there (none in $REL_NS)"
+else fail "Pod Security: namespace $AGENT_NS enforces privileged, the agent's pods run and are Ready there (none in $REL_NS)"; fi
 
 # With agent.countConnections=socket-fds the agent lists /proc/<pid>/fd of each pod's processes; with only
 # SYS_PTRACE and SYS_ADMIN it cannot for pods that run as another uid (the directory is 0500, owned by the pod's
 # uid) and falls back to a sock_diag dump. KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1 adds DAC_READ_SEARCH to the
 # installed DaemonSet so that the descriptors path itself is exercised.
-ds="$(kubectl get ds -n "$REL_NS" -l app.kubernetes.io/component=agent -o name)"
+ds="$(kubectl get ds -n "$AGENT_NS" -l app.kubernetes.io/component=agent -o name)"
 if [[ ${KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH:-0} == 1 ]] &&
-  ! kubectl get -n "$REL_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep DAC_READ_SEARCH >/dev/null; then
+  ! kubectl get -n "$AGENT_NS" "$ds" -o jsonpath='{.spec.template.spec.containers[0].securityContext.capabilities.add}' | grep DAC_READ_SEARCH >/dev/null; then
   say "WORKAROUND: adding DAC_READ_SEARCH to the agent's capabilities"
-  kubectl patch -n "$REL_NS" "$ds" --type=json \
+  kubectl patch -n "$AGENT_NS" "$ds" --type=json \
     -p '[{"op":"add","path":"/spec/template/spec/containers/0/securityContext/capabilities/add/-","value":"DAC_READ_SEARCH"}]' >/dev/null
-  kubectl rollout status -n "$REL_NS" "$ds" --timeout=60s >/dev/null
+  kubectl rollout status -n "$AGENT_NS" "$ds" --timeout=60s >/dev/null
   results+=("NOTE  agent DaemonSet patched: capabilities + DAC_READ_SEARCH (KEEPALIVE_E2E_AGENT_DAC_READ_SEARCH=1)")
 fi
 

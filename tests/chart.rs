@@ -26,6 +26,8 @@ use xtask::ControlPlane;
 const NS: &str = "keepalive-chart";
 const RELEASE: &str = "ka";
 const FULLNAME: &str = "ka-keepalive-operator";
+/// The agent's namespace by default: the release namespace + "-agent".
+const AGENT_NS: &str = "keepalive-chart-agent";
 
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/keepalive-operator")
@@ -240,17 +242,82 @@ fn options_render_as_documented() {
         "ClusterRoleBinding/ka-keepalive-operator-agent",
         "Role/ka-keepalive-operator",
         "RoleBinding/ka-keepalive-operator",
+        "Namespace/keepalive-chart-agent",
+        "NetworkPolicy/ka-keepalive-operator-agent",
+        "ValidatingAdmissionPolicy/ka-keepalive-operator-agent-node-bound",
+        "ValidatingAdmissionPolicyBinding/ka-keepalive-operator-agent-node-bound",
     ] {
         assert!(all.contains(k), "{k} missing from {all:?}");
     }
     assert!(all.contains("NetworkPolicy/ka-keepalive-operator"), "{all:?}");
-    assert_eq!(all.len(), 14, "{all:?}");
+    assert_eq!(all.len(), 18, "{all:?}");
+    // The agent and everything of it in its own namespace; the operator's in the release namespace.
+    for o in &objects {
+        let (kind, name) = (o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap());
+        let expected = match (kind, o["metadata"]["labels"]["app.kubernetes.io/component"].as_str()) {
+            ("Namespace", _) => None,
+            ("DaemonSet" | "ServiceAccount" | "NetworkPolicy", Some("agent")) => Some(AGENT_NS),
+            (_, _) if o["metadata"].get("namespace").is_none() => None,
+            _ => Some(NS),
+        };
+        assert_eq!(o["metadata"]["namespace"].as_str(), expected, "{kind}/{name}");
+    }
+    let binding = find(&objects, "ClusterRoleBinding", "ka-keepalive-operator-agent").unwrap();
+    assert_eq!(binding["subjects"][0]["namespace"], AGENT_NS);
     let agent = find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap();
     let sc = &agent["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(sc["appArmorProfile"]["type"], "Unconfined");
 
-    // Kubernetes 1.29 has no appArmorProfile field: the annotation instead.
+    // Another agent namespace, or one the user provides.
+    let objects = template("1.35.0", &["agent.namespace=node-agents"]);
+    assert_eq!(
+        find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap()["metadata"]["namespace"],
+        "node-agents"
+    );
+    assert!(find(&objects, "Namespace", "node-agents").is_some());
+    let policy = find(
+        &objects,
+        "ValidatingAdmissionPolicy",
+        "ka-keepalive-operator-agent-node-bound",
+    )
+    .unwrap();
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == \"system:serviceaccount:node-agents:ka-keepalive-operator-agent\""
+    );
+    let objects = template(
+        "1.35.0",
+        &["agent.namespace=node-agents", "agent.createNamespace=false"],
+    );
+    assert!(objects.iter().all(|o| o["kind"] != "Namespace"));
+    // The release namespace cannot be created by the chart.
+    let chart = chart_dir();
+    let err = run_helm(&[
+        "template",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kube-version",
+        "1.35.0",
+        "--set",
+        &format!("agent.namespace={NS}"),
+    ])
+    .expect_err("the agent in the release namespace, created by the chart");
+    assert!(err.contains("agent.namespace is the release namespace"), "{err}");
+    let objects = template(
+        "1.35.0",
+        &[&format!("agent.namespace={NS}"), "agent.createNamespace=false"],
+    );
+    assert_eq!(
+        find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap()["metadata"]["namespace"],
+        NS
+    );
+
+    // Kubernetes 1.29 has no appArmorProfile field: the annotation instead. Nor ValidatingAdmissionPolicy v1
+    // or node names in tokens: no policy (NOTES warn).
     let objects = template("1.29.0", &[]);
+    assert!(objects.iter().all(|o| o["kind"] != "ValidatingAdmissionPolicy"));
     let agent = find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap();
     let template_ = &agent["spec"]["template"];
     assert!(template_["spec"]["containers"][0]["securityContext"]["appArmorProfile"].is_null());
@@ -343,6 +410,13 @@ fn options_render_as_documented() {
     assert_eq!(
         webhook["namespaceSelector"]["matchExpressions"][0]["values"],
         json!(["kube-system", "monitoring", NS])
+    );
+    // With the agent, its namespace is excluded too.
+    let objects = template("1.35.0", &[]);
+    let webhook = &find(&objects, "MutatingWebhookConfiguration", FULLNAME).unwrap()["webhooks"][0];
+    assert_eq!(
+        webhook["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["kube-system", NS, AGENT_NS])
     );
 }
 
@@ -486,6 +560,21 @@ fn network_policy_opens_the_webhook_and_limits_the_admin_port() {
         policy["spec"]["egress"],
         json!([{"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"port": 6443}]}])
     );
+    // The agent's admin port: the same peers, in its own namespace; the operator's egress rules are not its.
+    let agent_policy = find(&objects, "NetworkPolicy", &format!("{FULLNAME}-agent")).unwrap();
+    assert_eq!(agent_policy["metadata"]["namespace"], AGENT_NS);
+    assert_eq!(agent_policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        ingress(agent_policy),
+        [(
+            9090,
+            Some(json!([
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+                 "podSelector": {"matchLabels": {"app": "prometheus"}}},
+                {"ipBlock": {"cidr": "192.168.0.0/16"}},
+            ]))
+        )]
+    );
 
     // No admin peer at all: the admin rule is left out (an empty `from` would admit everyone).
     let objects = template(
@@ -500,8 +589,15 @@ fn network_policy_opens_the_webhook_and_limits_the_admin_port() {
         [(8443, None)]
     );
 
+    let agent_policy = find(&objects, "NetworkPolicy", &format!("{FULLNAME}-agent")).unwrap();
+    assert_eq!(
+        agent_policy["spec"]["ingress"],
+        json!([]),
+        "no peer: the agent's admin port closed"
+    );
+
     let objects = template("1.35.0", &["networkPolicy.enabled=false"]);
-    assert!(find(&objects, "NetworkPolicy", FULLNAME).is_none());
+    assert!(objects.iter().all(|o| o["kind"] != "NetworkPolicy"));
 }
 
 #[test]

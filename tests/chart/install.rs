@@ -31,24 +31,6 @@ fn operator_args(port: u16, admin_port: u16) -> Vec<String> {
     .unwrap()
 }
 
-fn can_i(sa: &str, args: &[&str]) -> bool {
-    let subject = format!("--as=system:serviceaccount:{NS}:{sa}");
-    let out = cp()
-        .kubectl()
-        .args(["auth", "can-i"])
-        .args(args)
-        .arg(&subject)
-        .output()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        answer == "yes" || answer == "no",
-        "kubectl auth can-i {args:?}: {answer} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    answer == "yes"
-}
-
 /// Asks the apiserver to admit a pod with `spec` into namespace `ns` (dry run); Err is its refusal.
 fn admit_pod(ns: &str, name: &str, spec: &Value) -> Result<(), String> {
     let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns}, "spec": spec});
@@ -75,20 +57,52 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     let chart = chart.to_str().unwrap();
 
     // --- install --------------------------------------------------------------------------------------------
+    // As the README says: Helm cannot manage the release namespace, so it is created labelled "restricted" first.
+    pod_security_namespace(NS, "restricted");
     let started = Instant::now();
-    let out = helm_ok(&[
-        "install",
-        RELEASE,
-        chart,
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--set",
-        "image.tag=test",
-    ]);
+    let out = helm_ok(&["install", RELEASE, chart, "--namespace", NS, "--set", "image.tag=test"]);
     eprintln!("helm install: {:?}", started.elapsed());
     assert!(out.contains("STATUS: deployed"), "{out}");
     assert!(out.contains("kubectl get kap"), "NOTES tell what to do next:\n{out}");
+    assert!(
+        out.contains(&format!(
+            "kubectl label namespace {NS} --overwrite pod-security.kubernetes.io/enforce=restricted"
+        )),
+        "NOTES tell to label the release namespace restricted:\n{out}"
+    );
+    assert!(out.contains(&format!("runs in namespace {AGENT_NS}")), "{out}");
+    // The agent's namespace, created by the chart: Pod Security "privileged" (the release namespace stays
+    // "restricted").
+    let agent_ns = get("namespace", AGENT_NS, None).expect("the agent's namespace");
+    for mode in ["enforce", "audit", "warn"] {
+        assert_eq!(
+            agent_ns["metadata"]["labels"][format!("pod-security.kubernetes.io/{mode}")],
+            "privileged"
+        );
+    }
+    assert_eq!(
+        get("namespace", NS, None).unwrap()["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+    // Node-bound writes: the policy and its binding (proven in tests/node_trust.rs).
+    let vap = get(
+        "validatingadmissionpolicy",
+        &format!("{FULLNAME}-agent-node-bound"),
+        None,
+    )
+    .expect("the policy");
+    assert_eq!(vap["spec"]["failurePolicy"], "Fail");
+    assert_eq!(
+        vap["spec"]["matchConditions"][0]["expression"],
+        format!("request.userInfo.username == \"system:serviceaccount:{AGENT_NS}:{FULLNAME}-agent\"")
+    );
+    let binding = get(
+        "validatingadmissionpolicybinding",
+        &format!("{FULLNAME}-agent-node-bound"),
+        None,
+    )
+    .expect("the policy's binding");
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
     // The CRDs came from the chart's crds/.
     for crd in ["keepalivepolicies.keepalive.dev", "keepalivenodereports.keepalive.dev"] {
         assert!(get("crd", crd, None).is_some(), "{crd}");
@@ -116,7 +130,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert_eq!(
         w["namespaceSelector"],
         json!({"matchExpressions": [
-            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NS]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NS, AGENT_NS]},
             {"key": "keepalive.dev/ignore", "operator": "NotIn", "values": ["true"]},
         ]})
     );
@@ -212,7 +226,23 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert_eq!(pod_spec["priorityClassName"], "system-cluster-critical");
 
     // The agent DaemonSet.
-    let ds = get("daemonset", &format!("{FULLNAME}-agent"), Some(NS)).unwrap();
+    assert!(get("daemonset", &format!("{FULLNAME}-agent"), Some(NS)).is_none());
+    let ds = get("daemonset", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).expect("the agent in its namespace");
+    assert!(get("serviceaccount", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).is_some());
+    // Its admin port: only from the release namespace and `monitoring`.
+    let agent_np =
+        get("networkpolicy", &format!("{FULLNAME}-agent"), Some(AGENT_NS)).expect("the agent's NetworkPolicy");
+    assert_eq!(
+        agent_np["spec"]["podSelector"]["matchLabels"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(
+        agent_np["spec"]["ingress"],
+        json!([{"ports": [{"port": 9090, "protocol": "TCP"}], "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        ]}])
+    );
     let agent_spec = ds["spec"]["template"]["spec"].clone();
     assert_eq!(agent_spec["priorityClassName"], "system-node-critical");
     assert_eq!(agent_spec["hostPID"], true);
@@ -247,6 +277,10 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     pod_security_namespace("keepalive-chart-privileged", "privileged");
     let admitted = admit_pod("keepalive-chart-restricted", "operator", &pod_spec);
     admitted.expect("the operator pod is 'restricted' (and its priority class exists)");
+    admit_pod(NS, "operator", &pod_spec).expect("the operator pod in the release namespace, 'restricted'");
+    let refused = admit_pod(NS, "agent", &agent_spec).expect_err("the agent in the restricted release namespace");
+    assert!(refused.contains("violates PodSecurity"), "{refused}");
+    admit_pod(AGENT_NS, "agent", &agent_spec).expect("the agent pod in its own namespace");
     let refused = admit_pod("keepalive-chart-baseline", "agent", &agent_spec).expect_err("agent under baseline");
     assert!(refused.contains("violates PodSecurity"), "{refused}");
     admit_pod("keepalive-chart-privileged", "agent", &agent_spec).expect("the agent pod under 'privileged'");
@@ -260,7 +294,13 @@ async fn install_upgrade_uninstall_with_least_privilege() {
             "keepalive.dev keepalivepolicies watch",
             "keepalive.dev keepalivenodereports list",
             "keepalive.dev keepalivenodereports watch",
+            "keepalive.dev keepalivenodereports patch",
+            "keepalive.dev keepalivenodereports delete",
             "keepalive.dev keepalivepolicies/status patch",
+            "core nodes list",
+            "core nodes watch",
+            "node.k8s.io runtimeclasses list",
+            "node.k8s.io runtimeclasses watch",
             "core pods list",
             "core pods watch",
             "core namespaces list",
@@ -289,8 +329,6 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert_eq!(
         rules(&get("clusterrole", &format!("{FULLNAME}-agent"), None).unwrap()),
         set(&[
-            "core pods list",
-            "core pods watch",
             "keepalive.dev keepalivenodereports create",
             "keepalive.dev keepalivenodereports patch",
         ])
@@ -334,21 +372,33 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         (&["create", "leases", "-n", "default"], false),
         (&["update", "keepalivepolicies.keepalive.dev"], false),
         (&["delete", "keepalivepolicies.keepalive.dev"], false),
-        (&["patch", "keepalivenodereports.keepalive.dev"], false),
+        (&["patch", "keepalivenodereports.keepalive.dev"], true),
+        (&["delete", "keepalivenodereports.keepalive.dev"], true),
+        (&["create", "keepalivenodereports.keepalive.dev"], false),
+        (&["list", "nodes"], true),
+        (&["watch", "nodes"], true),
+        (&["patch", "nodes"], false),
+        (&["list", "runtimeclasses.node.k8s.io"], true),
+        (&["create", "runtimeclasses.node.k8s.io"], false),
     ];
     for (args, allowed) in operator_checks {
-        assert_eq!(can_i(op, args), *allowed, "operator: can-i {args:?}");
+        assert_eq!(can_i(cp, NS, op, args), *allowed, "operator: can-i {args:?}");
     }
     let agent = format!("{FULLNAME}-agent");
     let agent_checks: &[(&[&str], bool)] = &[
-        (&["list", "pods", "--all-namespaces"], true),
-        (&["watch", "pods", "--all-namespaces"], true),
+        // No pod reads at all: the agent reports pods by the UIDs of their cgroups.
+        (&["get", "pods", "--all-namespaces"], false),
+        (&["list", "pods", "--all-namespaces"], false),
+        (&["watch", "pods", "--all-namespaces"], false),
+        (&["list", "pods", "-n", AGENT_NS], false),
         (&["create", "keepalivenodereports.keepalive.dev"], true),
         (&["patch", "keepalivenodereports.keepalive.dev"], true),
         (&["create", "pods", "-n", "default"], false),
         (&["patch", "pods", "-n", "default"], false),
         (&["delete", "pods", "-n", "default"], false),
         (&["get", "secrets", "-n", NS], false),
+        (&["get", "secrets", "-n", AGENT_NS], false),
+        (&["list", "nodes"], false),
         (&["delete", "keepalivenodereports.keepalive.dev"], false),
         (&["list", "keepalivepolicies.keepalive.dev"], false),
         (
@@ -357,7 +407,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         ),
     ];
     for (args, allowed) in agent_checks {
-        assert_eq!(can_i(&agent, args), *allowed, "agent: can-i {args:?}");
+        assert_eq!(can_i(cp, AGENT_NS, &agent, args), *allowed, "agent: can-i {args:?}");
     }
 
     // --- sufficient: the operator with its ServiceAccount's token and the Deployment's args -----------------
@@ -482,29 +532,15 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert_never_forbidden(&operator);
 
     // --- sufficient: the agent with its ServiceAccount's token and the DaemonSet's args ----------------------
-    let agent_kubeconfig = cp.service_account_kubeconfig(NS, &agent).unwrap();
-    create_pod(
-        &client,
-        "keepalive-chart-apps",
-        "on-node",
-        json!({"spec": {"nodeName": "chart-node"}}),
-    )
-    .await
-    .unwrap();
-    // As kubelet would once the pod started (the agent reports running pods; this one has no process here).
-    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "keepalive-chart-apps")
-        .patch_status(
-            "on-node",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"status": {"phase": "Running"}})),
-        )
-        .await
-        .unwrap();
+    // The token kubelet gives an agent pod on `chart-node` (bound to the pod, naming its node), which the chart's
+    // ValidatingAdmissionPolicy requires.
+    let token = pod_bound_token(cp, AGENT_NS, &agent, "agent-on-chart-node", "chart-node");
+    let agent_kubeconfig = cp.token_kubeconfig("chart-agent", &token).unwrap();
     let agent_admin = cluster::free_port().unwrap();
     let agent_args = cp
         .container_args(
             "daemonset",
-            NS,
+            AGENT_NS,
             &agent,
             &[
                 // This host's /proc is the host's.
@@ -517,11 +553,21 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         .unwrap();
     let agent_process = HostProcess::spawn(cp, "chart-agent", &agent_args, &agent_kubeconfig);
     let reports: kube::Api<keepalive_operator::api::KeepaliveNodeReport> = kube::Api::all(client.clone());
-    eventually(Duration::from_secs(30), "the agent's node report", || async {
-        let r = reports.get_opt("chart-node").await.ok()??;
-        r.spec.pods.iter().any(|p| p.name == "on-node").then_some(())
-    })
-    .await;
+    // Written by the agent (its field manager), with nothing but the rights above and its pod's token.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = reports.get_opt("chart-node").await.unwrap();
+        let managers = report.and_then(|r| r.metadata.managed_fields).unwrap_or_default();
+        if managers.iter().any(|m| m.manager.as_deref() == Some("keepalive-agent")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report of chart-node written by the agent after 30 s:\n{}",
+            agent_process.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Its probes: ready once the report is written.
     assert_eq!(cluster::http_get(agent_admin, "/readyz").map(|(c, _)| c), Some(200));
     assert_never_forbidden(&agent_process);
@@ -534,7 +580,19 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert!(out.contains("uninstalled"), "{out}");
     for (kind, name, ns) in [
         ("deployment", FULLNAME, Some(NS)),
-        ("daemonset", "ka-keepalive-operator-agent", Some(NS)),
+        ("daemonset", "ka-keepalive-operator-agent", Some(AGENT_NS)),
+        ("serviceaccount", "ka-keepalive-operator-agent", Some(AGENT_NS)),
+        ("networkpolicy", "ka-keepalive-operator-agent", Some(AGENT_NS)),
+        (
+            "validatingadmissionpolicy",
+            "ka-keepalive-operator-agent-node-bound",
+            None,
+        ),
+        (
+            "validatingadmissionpolicybinding",
+            "ka-keepalive-operator-agent-node-bound",
+            None,
+        ),
         ("service", FULLNAME, Some(NS)),
         ("networkpolicy", FULLNAME, Some(NS)),
         ("serviceaccount", FULLNAME, Some(NS)),
@@ -549,6 +607,14 @@ async fn install_upgrade_uninstall_with_least_privilege() {
             "{kind} {name} still there after uninstall"
         );
     }
+    // The agent's namespace is the release's: deleted (no namespace controller runs here to finish it).
+    let agent_ns = get("namespace", AGENT_NS, None);
+    assert!(
+        agent_ns
+            .as_ref()
+            .is_none_or(|ns| ns["status"]["phase"] == "Terminating"),
+        "{agent_ns:?}"
+    );
     for crd in ["keepalivepolicies.keepalive.dev", "keepalivenodereports.keepalive.dev"] {
         assert!(get("crd", crd, None).is_some(), "{crd} deleted by helm uninstall");
     }

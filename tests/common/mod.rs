@@ -347,3 +347,76 @@ pub async fn namespace_with_policy(client: &Client, name: &str, (time, intvl, pr
     )
     .await;
 }
+
+/// `kubectl apply --server-side` of one object given as JSON; the object as the apiserver stored it.
+pub fn kubectl_apply(cp: &ControlPlane, object: &serde_json::Value) -> serde_json::Value {
+    let name = format!(
+        "apply-{}-{}-{}",
+        object["kind"].as_str().unwrap_or("object"),
+        object["metadata"]["namespace"].as_str().unwrap_or("cluster"),
+        object["metadata"]["name"].as_str().unwrap_or("unnamed"),
+    );
+    let out = cp
+        .apply_json(&name, &object.to_string())
+        .unwrap_or_else(|e| panic!("applying {object}: {e:#}"));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A Node object (no kubelet behind it: it only exists); its UID.
+pub fn node_object(cp: &ControlPlane, name: &str) -> String {
+    let node = kubectl_apply(
+        cp,
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+    );
+    node["metadata"]["uid"].as_str().unwrap().to_string()
+}
+
+/// A token of the ServiceAccount bound to a pod on `node` (see [`ControlPlane::pod_bound_token`]).
+pub fn pod_bound_token(cp: &ControlPlane, namespace: &str, service_account: &str, pod: &str, node: &str) -> String {
+    cp.pod_bound_token(namespace, service_account, pod, node)
+        .unwrap_or_else(|e| panic!("a token bound to pod {namespace}/{pod} on {node}: {e:#}"))
+}
+
+/// Who the apiserver says the bearer of `kubeconfig` is (SelfSubjectReview, `kubectl auth whoami`): its user info.
+pub fn whoami(cp: &ControlPlane, kubeconfig: &Path) -> serde_json::Value {
+    let out = cp
+        .kubectl()
+        .env("KUBECONFIG", kubeconfig)
+        .args(["auth", "whoami", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl auth whoami: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let review: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    review["status"]["userInfo"].clone()
+}
+
+/// A client of the control plane authenticating with the kubeconfig at `path`.
+pub async fn client_from_kubeconfig(path: &Path) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// `kubectl auth can-i <args> --as=system:serviceaccount:<namespace>:<service_account>`.
+pub fn can_i(cp: &ControlPlane, namespace: &str, service_account: &str, args: &[&str]) -> bool {
+    let out = cp
+        .kubectl()
+        .args(["auth", "can-i"])
+        .args(args)
+        .arg(format!("--as=system:serviceaccount:{namespace}:{service_account}"))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl auth can-i {args:?}: {answer} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
+}

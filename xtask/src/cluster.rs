@@ -131,6 +131,46 @@ impl ControlPlane {
         self.token_kubeconfig(service_account, token.trim())
     }
 
+    /// A one-hour token of `service_account` as kubelet gives it to a pod on `node`: the Node object (created if
+    /// missing; no kubelet stands behind it) and the pod `pod` running as the ServiceAccount, bound to the node
+    /// as the scheduler would bind it (created if missing), then a TokenRequest bound to the pod (`boundObjectRef`
+    /// kind Pod, name and UID). The apiserver puts the node's name into the token and into the user info extra
+    /// `authentication.kubernetes.io/node-name` of every request made with it, which the chart's policy for the
+    /// node agent requires.
+    pub fn pod_bound_token(&self, namespace: &str, service_account: &str, pod: &str, node: &str) -> Result<String> {
+        let node_object = format!(r#"{{"apiVersion": "v1", "kind": "Node", "metadata": {{"name": "{node}"}}}}"#);
+        self.apply_json(&format!("node-{node}"), &node_object)?;
+        let pod_object = format!(
+            r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{pod}", "namespace": "{namespace}"}},
+                "spec": {{"serviceAccountName": "{service_account}", "nodeName": "{node}",
+                          "automountServiceAccountToken": false,
+                          "containers": [{{"name": "agent", "image": "registry.invalid/agent:1"}}]}}}}"#
+        );
+        let stored: serde_json::Value =
+            serde_json::from_str(&self.apply_json(&format!("pod-{namespace}-{pod}"), &pod_object)?)?;
+        let uid = stored["metadata"]["uid"].as_str().context("the pod's uid")?;
+        let token = self.kubectl_output(&[
+            "create",
+            "token",
+            service_account,
+            "-n",
+            namespace,
+            "--bound-object-kind=Pod",
+            &format!("--bound-object-name={pod}"),
+            &format!("--bound-object-uid={uid}"),
+            "--duration=1h",
+        ])?;
+        Ok(token.trim().to_string())
+    }
+
+    /// `kubectl apply --server-side` of one object given as JSON text (written to `<name>.json` in the work
+    /// directory); the object as stored, as JSON text.
+    pub fn apply_json(&self, name: &str, object: &str) -> Result<String> {
+        let file = self.work_dir().join(format!("{name}.json"));
+        fs::write(&file, object)?;
+        self.kubectl_output(&["apply", "--server-side", "-o", "json", "-f", file.to_str().unwrap()])
+    }
+
     /// Writes a kubeconfig for this control plane that authenticates with `token`.
     pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
         let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem()?);

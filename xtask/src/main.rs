@@ -200,6 +200,8 @@ fn apply_yaml(cp: &ControlPlane, name: &str, yaml: &str) -> Result<()> {
 const RELEASE: &str = "keepalive";
 const NAMESPACE: &str = "keepalive-system";
 const FULLNAME: &str = "keepalive-keepalive-operator";
+/// The agent's namespace, which the chart creates (Pod Security "privileged").
+const AGENT_NAMESPACE: &str = "keepalive-system-agent";
 const DEMO_NODE: &str = "demo-node";
 
 fn demo(hold: bool) -> Result<()> {
@@ -207,21 +209,21 @@ fn demo(hold: bool) -> Result<()> {
     step("Building the operator (cargo build)");
     run(cargo().args(["build", "--quiet", "--bin", "keepalive-operator"]))?;
     let cp = start_control_plane(false)?;
-    let binary = tools::repo_root().join("target/debug/keepalive-operator");
+    // Where `cargo build` put it: CARGO_TARGET_DIR when set, else the repository's target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tools::repo_root().join("target"));
+    let binary = tools::repo_root().join(target_dir).join("debug/keepalive-operator");
 
     let (port, admin) = (cluster::free_port()?, cluster::free_port()?);
     step("helm install: the chart's CRDs, ServiceAccounts, RBAC and webhook (registered by URL to this host)");
     let chart = tools::repo_root().join("charts/keepalive-operator");
+    // Helm cannot manage the release namespace: created first, enforcing Pod Security "restricted".
+    restricted_namespace(&cp, NAMESPACE)?;
     let out = cp
         .helm()
-        .args([
-            "install",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "-n",
-            NAMESPACE,
-            "--create-namespace",
-        ])
+        .args(["install", RELEASE, chart.to_str().unwrap(), "-n", NAMESPACE])
         .arg(format!("--set=webhook.url=https://127.0.0.1:{port}/mutate"))
         .arg("--set=webhook.extraSANs={127.0.0.1}")
         .output()?;
@@ -398,6 +400,20 @@ impl Drop for LiveNode {
     }
 }
 
+/// Creates (or relabels) `name` enforcing Pod Security "restricted", as the README asks of the release namespace.
+fn restricted_namespace(cp: &ControlPlane, name: &str) -> Result<()> {
+    let labels: Vec<String> = ["enforce", "audit", "warn"]
+        .iter()
+        .map(|mode| format!(r#""pod-security.kubernetes.io/{mode}": "restricted""#))
+        .collect();
+    let object = format!(
+        r#"{{"apiVersion": "v1", "kind": "Namespace", "metadata": {{"name": "{name}", "labels": {{{}}}}}}}"#,
+        labels.join(", ")
+    );
+    cp.apply_json(&format!("namespace-{name}"), &object)?;
+    Ok(())
+}
+
 /// Stands in for kubelet on `demo-node`: each pod bound to it gets a real network namespace in a kubelet-style
 /// cgroup, with the sysctls kubelet would apply from its spec — except `checkout`, whose runtime "lost" them —
 /// and a process holding connections (some without SO_KEEPALIVE). Then runs the node agent on this host as the
@@ -436,11 +452,15 @@ fn live_node(cp: &ControlPlane, binary: &std::path::Path) -> Result<LiveNode> {
         eprintln!("    {ns}/{name}: netns with {applied:?}, 3 connections held (2 with SO_KEEPALIVE)");
         sandboxes.push(sandbox);
     }
-    let kubeconfig = cp.service_account_kubeconfig(NAMESPACE, &format!("{FULLNAME}-agent"))?;
+    // The token kubelet would give the agent's pod on demo-node: the chart's policy lets it write only that
+    // node's report.
+    let agent_sa = format!("{FULLNAME}-agent");
+    let token = cp.pod_bound_token(AGENT_NAMESPACE, &agent_sa, "agent-on-demo-node", DEMO_NODE)?;
+    let kubeconfig = cp.token_kubeconfig("demo-agent", &token)?;
     let admin = cluster::free_port()?;
     let args = cp.container_args(
         "daemonset",
-        NAMESPACE,
+        AGENT_NAMESPACE,
         &format!("{FULLNAME}-agent"),
         &[
             ("--admin-listen", format!("127.0.0.1:{admin}")),

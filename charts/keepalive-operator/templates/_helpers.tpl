@@ -75,3 +75,20 @@ app.kubernetes.io/component: agent
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
+
+{{/* The agent's namespace: agent.namespace, else "<release namespace>-agent". */}}
+{{- define "keepalive.agentNamespace" -}}
+{{- $ns := default (printf "%s-agent" .Release.Namespace) .Values.agent.namespace }}
+{{- if gt (len $ns) 63 }}
+{{- fail (printf "the agent's namespace %q is longer than 63 characters: set agent.namespace" $ns) }}
+{{- end }}
+{{- if and (eq $ns .Release.Namespace) .Values.agent.createNamespace }}
+{{- fail "agent.namespace is the release namespace, which Helm cannot create: set agent.createNamespace=false (the release namespace must then allow Pod Security privileged) or choose another namespace" }}
+{{- end }}
+{{- $ns }}
+{{- end }}
+
+{{/* The user name of the agent's ServiceAccount, as the apiserver authenticates its tokens. */}}
+{{- define "keepalive.agentUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" (include "keepalive.agentNamespace" .) (include "keepalive.agentServiceAccountName" .) }}
+{{- end }}
