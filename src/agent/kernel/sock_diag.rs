@@ -29,14 +29,18 @@ const MSG_TIMER: usize = 2;
 /// `struct nlmsghdr` (16 bytes) + `struct inet_diag_req` (60 bytes).
 const REQUEST_LEN: usize = 76;
 
-/// A sock_diag socket in the calling thread's network namespace.
+/// A sock_diag socket in the calling thread's network namespace, connected to the kernel: the kernel then refuses
+/// (ECONNREFUSED) datagrams other sockets of the namespace send it, so a process of the pod can neither forge
+/// replies nor flood the socket and starve a dump.
 pub fn socket() -> io::Result<OwnedFd> {
-    Ok(rustix::net::socket_with(
+    let fd = rustix::net::socket_with(
         AddressFamily::NETLINK,
         SocketType::DGRAM,
         SocketFlags::CLOEXEC,
         Some(netlink::SOCK_DIAG),
-    )?)
+    )?;
+    rustix::net::connect(&fd, &netlink::SocketAddrNetlink::new(0, 0))?;
+    Ok(fd)
 }
 
 /// The bytes of a dump request for established TCP sockets (IPv4 and IPv6) with sequence number `seq`.
@@ -120,8 +124,9 @@ pub enum Dump {
     OverBudget,
 }
 
-/// Whether a datagram came from the kernel (netlink port id 0). Any process of the namespace can send to the
-/// agent's sock_diag socket if it learns its port id (/proc/net/netlink lists them): such datagrams are dropped.
+/// Whether a datagram came from the kernel (netlink port id 0). Any process of the namespace (with CAP_NET_ADMIN)
+/// can send to the agent's sock_diag socket if it learns its port id (/proc/net/netlink lists them): besides the
+/// socket being connected to the kernel, such datagrams are dropped here.
 pub fn from_kernel(source: Option<&SocketAddrAny>) -> bool {
     source
         .and_then(|a| netlink::SocketAddrNetlink::try_from(a.clone()).ok())
