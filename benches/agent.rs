@@ -154,7 +154,11 @@ fn real_agent(sandboxes: &[Sandbox]) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(Some(r)) = reports.get_opt("bench-node").await
-                && r.spec.pods.iter().filter(|p| ours.contains(p.uid.as_str()) && p.sysctls.is_some()).count()
+                && r.spec
+                    .pods
+                    .iter()
+                    .filter(|p| ours.contains(p.uid.as_str()) && p.sysctls.is_some())
+                    .count()
                     == sandboxes.len()
             {
                 break;

@@ -9,10 +9,7 @@ use std::time::Duration;
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
 use keepalive_operator::api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, LiveKeepalive};
-use kube::{
-    Api,
-    api::DeleteParams,
-};
+use kube::{Api, api::DeleteParams};
 use serde_json::json;
 use xtask::sandbox::{Layout, Sandbox};
 
@@ -71,7 +68,10 @@ async fn the_node_report_shows_live_values_and_connections() {
     assert_eq!((d.established, d.keepalive), (4, 0));
     assert_eq!(by_uid(&leaving.uid).sysctls.map(|v| v.time), Some(50));
     assert_eq!(report.spec.scan_interval_seconds, 1);
-    assert!(report.spec.pods.windows(2).all(|w| w[0].uid < w[1].uid), "sorted by UID");
+    assert!(
+        report.spec.pods.windows(2).all(|w| w[0].uid < w[1].uid),
+        "sorted by UID"
+    );
     let host = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time").unwrap();
     assert_eq!(
         report.spec.node_sysctls.map(|v| v.time.to_string()),

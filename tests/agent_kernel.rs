@@ -197,7 +197,11 @@ fn the_scanner_keeps_one_handle_per_pod_and_sees_changes() {
     assert_eq!(pod.sysctls.map(|v| v.time), Some(45));
     assert_eq!(pod.read_at, later, "a changed reading gets a new readAt");
     let third = scanner.scan(&second.pods, &now());
-    assert_eq!(entry(&third, &s.uid).unwrap().read_at, later, "an unchanged reading keeps its readAt");
+    assert_eq!(
+        entry(&third, &s.uid).unwrap().read_at,
+        later,
+        "an unchanged reading keeps its readAt"
+    );
 
     drop(conns);
     s.kill_process();
@@ -278,7 +282,11 @@ fn sleeper_in(s: &Sandbox) -> Reaped {
 
 fn wait_for_comm(pid: u32, comm: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != comm {
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != comm
+    {
         assert!(Instant::now() < deadline, "{comm} did not start");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -333,10 +341,18 @@ fn a_reused_pid_never_yields_another_namespace() {
     let _newcomer = reused.expect("the pid was reused within 30 tries");
     let scan = scanner.scan(&[], &now());
     let old_entry = entry(&scan, &old.uid).unwrap();
-    assert_eq!(old_entry.sysctls.map(|v| v.time), Some(31), "the old pod, by its own sandbox");
+    assert_eq!(
+        old_entry.sysctls.map(|v| v.time),
+        Some(31),
+        "the old pod, by its own sandbox"
+    );
     let other_entry = entry(&scan, &other.uid).unwrap();
     assert_eq!(other_entry.sysctls.map(|v| v.time), Some(99));
-    assert!(scan.pods.iter().all(|p| p.uid != old.uid || p.sysctls.map(|v| v.time) != Some(99)));
+    assert!(
+        scan.pods
+            .iter()
+            .all(|p| p.uid != old.uid || p.sysctls.map(|v| v.time) != Some(99))
+    );
 }
 
 /// A process in a user namespace of its own (and a network namespace that user namespace owns): if it is the

@@ -65,9 +65,8 @@ impl Reader {
             let _ = started.send(Ok(()));
             let mut scanner = make();
             for request in incoming {
-                let scanned = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    scanner.scan(&request.previous, &request.now)
-                }));
+                let scanned =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| scanner.scan(&request.previous, &request.now)));
                 match scanned {
                     Ok(scan) => {
                         let _ = request.reply.send(scan);

@@ -161,10 +161,12 @@ impl Scanner {
         let scan = self.scans;
         let node_process = ProcessRef::open(&self.proc_root, self.node_pid).ok();
         let node_inode = node_process.as_ref().and_then(|p| p.ns_inode("net").ok());
-        let host_userns = node_process
-            .as_ref()
-            .and_then(|p| p.ns_inode("user").ok())
-            .or_else(|| ProcessRef::open(std::path::Path::new("/proc"), std::process::id()).ok()?.ns_inode("user").ok());
+        let host_userns = node_process.as_ref().and_then(|p| p.ns_inode("user").ok()).or_else(|| {
+            ProcessRef::open(std::path::Path::new("/proc"), std::process::id())
+                .ok()?
+                .ns_inode("user")
+                .ok()
+        });
         let node = self.node_values(node_process.as_ref(), node_inode);
 
         // The pods, each with the inode of its sandbox's network namespace; hostNetwork pods left out.
@@ -237,10 +239,25 @@ impl Scanner {
         for (uid, result) in due.iter().zip(counted) {
             let state = self.counts.entry(uid.to_string()).or_default();
             match result {
-                Counted::Done(c) => *state = CountState { connections: Some(c), last: scan, over_budget: false },
-                Counted::OverBudget => *state = CountState { connections: None, last: scan, over_budget: true },
+                Counted::Done(c) => {
+                    *state = CountState {
+                        connections: Some(c),
+                        last: scan,
+                        over_budget: false,
+                    }
+                }
+                Counted::OverBudget => {
+                    *state = CountState {
+                        connections: None,
+                        last: scan,
+                        over_budget: true,
+                    }
+                }
                 Counted::Failed(e) => {
-                    errors.entry(uid.to_string()).or_default().push(format!("connections not counted: {e}"));
+                    errors
+                        .entry(uid.to_string())
+                        .or_default()
+                        .push(format!("connections not counted: {e}"));
                 }
                 Counted::NotReached => uncounted += 1,
             }
@@ -491,7 +508,11 @@ pub(super) mod tests {
         let cut = truncate_chars(&long, 256);
         assert_eq!(cut.chars().count(), 256);
         assert!(cut.ends_with('…'));
-        assert_eq!(truncate_chars(&"x".repeat(256), 256).len(), 256, "exactly the bound: kept");
+        assert_eq!(
+            truncate_chars(&"x".repeat(256), 256).len(),
+            256,
+            "exactly the bound: kept"
+        );
     }
 
     #[test]

@@ -236,7 +236,10 @@ mod tests {
         }
         let upper = STATIC.to_ascii_uppercase();
         assert_eq!(pod_uid_from_cgroup_path(&format!("/kubepods/pod{upper}/c")), None);
-        assert_eq!(pod_uid_from_cgroup_path(&format!("/kubepods/pod{}/c", &STATIC[1..])), None);
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/kubepods/pod{}/c", &STATIC[1..])),
+            None
+        );
         assert_eq!(
             pod_uid_from_cgroup_path(&format!("/kubepods/pod{}/c", UID.to_ascii_uppercase())).as_deref(),
             Some(UID),
@@ -247,7 +250,12 @@ mod tests {
     #[test]
     fn the_sandbox_is_the_oldest_process_ties_by_lowest_pid() {
         let mut pod = PodProcesses::<&str>::default();
-        for (pid, start, name) in [(300, 50, "app"), (120, 10, "pause"), (90, 10, "tie-lower-pid"), (80, 70, "late")] {
+        for (pid, start, name) in [
+            (300, 50, "app"),
+            (120, 10, "pause"),
+            (90, 10, "tie-lower-pid"),
+            (80, 70, "late"),
+        ] {
             assert!(pod.admit(pid, 10));
             pod.offer(start, pid, name);
         }
