@@ -518,8 +518,9 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     let agent_process = HostProcess::spawn(cp, "chart-agent", &agent_args, &agent_kubeconfig);
     let reports: kube::Api<keepalive_operator::api::KeepaliveNodeReport> = kube::Api::all(client.clone());
     eventually(Duration::from_secs(30), "the agent's node report", || async {
-        let r = reports.get_opt("chart-node").await.ok()??;
-        r.spec.pods.iter().any(|p| p.name == "on-node").then_some(())
+        // The agent reads no Pod objects (it finds pods by their cgroups): the report written is what shows the
+        // chart's RBAC lets it write its node's report.
+        reports.get_opt("chart-node").await.ok()?.map(|_| ())
     })
     .await;
     // Its probes: ready once the report is written.
