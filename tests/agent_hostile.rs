@@ -232,9 +232,17 @@ fn hostile_pods_are_bounded_and_the_others_read_exactly() {
         assert!(took < deadline + Duration::from_secs(2), "scan took {took:?}");
         let by_uid: HashMap<&str, _> = scan.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
         let many_sockets = by_uid[sockets_pod.uid.as_str()];
-        assert_eq!(many_sockets.sysctls.map(|v| v.time), Some(61), "its values are always read");
+        assert_eq!(
+            many_sockets.sysctls.map(|v| v.time),
+            Some(61),
+            "its values are always read"
+        );
         let many_processes = by_uid[processes_pod.uid.as_str()];
-        assert_eq!(many_processes.sysctls.map(|v| v.time), Some(62), "read through its sandbox");
+        assert_eq!(
+            many_processes.sysctls.map(|v| v.time),
+            Some(62),
+            "read through its sandbox"
+        );
         assert_eq!(
             many_processes.error.as_deref(),
             Some("processes not examined: more than 1000 processes (--max-processes-per-pod)")
@@ -260,7 +268,10 @@ fn hostile_pods_are_bounded_and_the_others_read_exactly() {
             break;
         }
     }
-    assert!(done, "every ordinary pod counted exactly, the one with too many sockets reported so");
+    assert!(
+        done,
+        "every ordinary pod counted exactly, the one with too many sockets reported so"
+    );
 
     // The real agent process on the same node: bounded memory.
     let agent = AgentProcess::start("hostile", &["--scan-interval-seconds=5", "--scan-deadline-seconds=4"]);
