@@ -77,7 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => run_apply(args),
         Command::Agent(args) => {
             telemetry::init();
-            tokio::runtime::Runtime::new()?.block_on(agent::run(args))
+            agent::main(args)
         }
         Command::Controller(args) => {
             telemetry::init();

@@ -21,6 +21,22 @@ pub enum WriteOutcome {
     Failed,
 }
 
+/// Which per-pod budget a pod is over: the `budget` label of `keepalive_agent_pods_over_budget`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Budget {
+    Sockets,
+    Processes,
+}
+
+impl Budget {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Budget::Sockets => "sockets",
+            Budget::Processes => "processes",
+        }
+    }
+}
+
 impl PodRead {
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -39,7 +55,12 @@ impl WriteOutcome {
     }
 }
 
-crate::label_value!(PodRead, WriteOutcome);
+crate::label_value!(PodRead, WriteOutcome, Budget);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    budget: Budget,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PodReadLabels {
@@ -57,11 +78,14 @@ pub struct AgentMetrics {
     pub scan_duration: Histogram,
     pods: Family<PodReadLabels, Gauge>,
     report_writes: Family<OutcomeLabels, Counter>,
+    over_budget: Family<BudgetLabels, Gauge>,
+    /// Scans whose deadline left pods due for counting uncounted.
+    pub scans_over_deadline: Counter,
 }
 
 impl AgentMetrics {
-    /// Registers `scan_duration_seconds`, `pods` and `report_writes` (under the registry's `keepalive_agent`
-    /// prefix).
+    /// Registers `scan_duration_seconds`, `pods`, `report_writes`, `pods_over_budget` and `scans_over_deadline`
+    /// (under the registry's `keepalive_agent` prefix).
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = AgentMetrics {
             // 1 ms .. ~2.6 s
@@ -70,6 +94,8 @@ impl AgentMetrics {
             )),
             pods: Family::default(),
             report_writes: Family::default(),
+            over_budget: Family::default(),
+            scans_over_deadline: Counter::default(),
         };
         registry.register(
             "scan_duration_seconds",
@@ -82,7 +108,23 @@ impl AgentMetrics {
             "Writes of the node report, by result",
             metrics.report_writes.clone(),
         );
+        registry.register(
+            "pods_over_budget",
+            "Pods of the last scan over a per-pod budget (--max-sockets-per-pod, --max-processes-per-pod)",
+            metrics.over_budget.clone(),
+        );
+        registry.register(
+            "scans_over_deadline",
+            "Scans that reached --scan-deadline-seconds before counting every pod due",
+            metrics.scans_over_deadline.clone(),
+        );
         metrics
+    }
+
+    pub fn over_budget(&self, budget: Budget, n: usize) {
+        self.over_budget
+            .get_or_create(&BudgetLabels { budget })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn pods(&self, state: PodRead, n: i32) {

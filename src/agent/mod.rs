@@ -8,6 +8,7 @@
 mod admin;
 pub mod kernel;
 mod metrics;
+pub mod reader;
 mod scanner;
 
 use std::{
@@ -19,21 +20,19 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
-    runtime::{WatchStreamExt, watcher},
 };
 
 pub use self::{
     kernel::{Connections, ReadError},
-    scanner::{Counting, NodePod, Scanner},
+    scanner::{Budgets, Counting, Scan, ScanStats, Scanner},
 };
 use self::{
-    metrics::{AgentMetrics, PodRead, WriteOutcome},
-    scanner::NodePods,
+    metrics::{AgentMetrics, Budget, PodRead, WriteOutcome},
+    reader::Reader,
 };
 use crate::{
     api::{AGENT_MANAGER, KeepaliveNodeReport, KeepaliveNodeReportSpec, PodLiveReport},
@@ -42,7 +41,6 @@ use crate::{
         listen::{OptionalListen, optional_listen},
         metrics::Registry,
         server, shutdown_signal,
-        watch::{Relist, logged},
     },
 };
 
@@ -57,8 +55,9 @@ pub struct AgentArgs {
     /// Seconds between scans; also the shortest time between two writes of the report.
     #[arg(long, env = "KEEPALIVE_SCAN_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), default_value_t = 10)]
     pub scan_interval_seconds: u64,
-    /// A host process in the node's own network namespace, whose values hostNetwork pods run with (with hostPID,
-    /// 1 is the host's init).
+    /// A host process in the node's own network namespace (with hostPID, 1 is the host's init): pods whose
+    /// sandbox shares it (hostNetwork pods) are left out of the report, the node's values are reported once; its
+    /// user namespace is the host's.
     #[arg(long, env = "KEEPALIVE_NODE_NETNS_PID", default_value_t = 1)]
     pub node_netns_pid: u32,
     /// The report is rewritten at least this often, as a heartbeat, even when nothing changed; changed connection
@@ -72,37 +71,75 @@ pub struct AgentArgs {
     /// are spread so): 3 with 10 s scans keeps counts at most 30 s old.
     #[arg(long, env = "KEEPALIVE_COUNT_EVERY_SCANS", value_parser = clap::value_parser!(u32).range(1..=100), default_value_t = 3)]
     pub count_every_scans: u32,
+    /// A pod with more sockets than this is not counted (a dump or descriptor walk that reaches it is abandoned);
+    /// its sysctls still are, and it is tried again only every 10th time it is due.
+    #[arg(long, env = "KEEPALIVE_MAX_SOCKETS_PER_POD", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 50_000)]
+    pub max_sockets_per_pod: u32,
+    /// Processes of one pod beyond this many are not examined (no stat, no descriptor walk); the pod's entry says
+    /// so, its sysctls are still read through its oldest process examined.
+    #[arg(long, env = "KEEPALIVE_MAX_PROCESSES_PER_POD", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 1_000)]
+    pub max_processes_per_pod: u32,
+    /// Connection counting stops once a scan has taken this long (sysctls are always read); the pods not counted
+    /// keep their previous counts and come first next scan. Default: 0.8 × the scan interval.
+    #[arg(long, env = "KEEPALIVE_SCAN_DEADLINE_SECONDS", value_parser = deadline_seconds)]
+    pub scan_deadline_seconds: Option<f64>,
     /// Plain-HTTP address for probes and metrics (/livez, /readyz, /metrics); empty to disable.
     #[arg(long, env = "KEEPALIVE_ADMIN_LISTEN", default_value = "0.0.0.0:9090", value_parser = optional_listen)]
     pub admin_listen: OptionalListen,
 }
 
-/// Runs the agent until SIGTERM or Ctrl-C.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
-    let pods_api: Api<Pod> = Api::all(client.clone());
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name));
-    let mut events = std::pin::pin!(logged(watcher(pods_api, config).default_backoff(), "pod"));
-    let reports: Api<KeepaliveNodeReport> = Api::all(client);
-    let mut pods = NodePods::default();
-    let mut relist = Relist::default();
-    let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
-    let mut scanner = Some(Scanner::with_counting(
-        args.proc_root.clone(),
-        args.node_netns_pid,
-        args.count_connections,
-        args.count_every_scans,
-    ));
-    // Four descriptors per pod (three sysctl files and a sock_diag socket): a node with 250 pods needs more
-    // than the usual 1024.
+fn deadline_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 && v <= 3600.0 {
+        Ok(v)
+    } else {
+        Err("must be more than 0 and at most 3600".into())
+    }
+}
+
+impl AgentArgs {
+    pub fn budgets(&self) -> Budgets {
+        let deadline = self
+            .scan_deadline_seconds
+            .unwrap_or(0.8 * self.scan_interval_seconds as f64);
+        Budgets {
+            max_sockets: self.max_sockets_per_pod,
+            max_processes: self.max_processes_per_pod as usize,
+            deadline: Duration::from_secs_f64(deadline),
+        }
+    }
+
+    fn scanner(&self) -> Scanner {
+        Scanner::with_counting(
+            self.proc_root.clone(),
+            self.node_netns_pid,
+            self.count_connections,
+            self.count_every_scans,
+        )
+        .with_budgets(self.budgets())
+    }
+}
+
+/// The agent process: starts the kernel-reader thread (the only one to keep capabilities), drops every
+/// capability of this thread, then runs [`run`] on a runtime whose threads hold none.
+pub fn main(args: AgentArgs) -> anyhow::Result<()> {
+    // Four descriptors per pod (three sysctl files and a sock_diag socket) and the namespace: a node with 250
+    // pods needs more than the usual 1024.
     crate::runtime::raise_open_file_limit();
-    let mut registry = Registry::with_prefix("keepalive_agent");
-    let metrics = AgentMetrics::register(&mut registry);
-    let ready = Arc::new(AtomicBool::new(false));
-    // Seconds (since the agent started) at the end of the last completed scan; 0 before the first.
-    let started_at = std::time::Instant::now();
-    let last_scan = Arc::new(AtomicU64::new(0));
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        tracing::warn!(error = %e, "cannot set no_new_privs");
+    }
+    let scanner_args = args.clone();
+    let reader = Reader::start(
+        move || scanner_args.scanner(),
+        reader::needed_capabilities(args.count_connections),
+    )?;
+    reader::restrict_capabilities(rustix::thread::CapabilitySet::empty())?;
+    tokio::runtime::Runtime::new()?.block_on(run(args, reader))
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C, scanning through `reader`.
+pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
     if args.heartbeat_seconds < args.scan_interval_seconds {
         anyhow::bail!(
             "--heartbeat-seconds ({}) must be at least --scan-interval-seconds ({}): the report is written at most once a scan",
@@ -110,6 +147,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             args.scan_interval_seconds
         );
     }
+    let client = Client::try_default().await?;
+    let reports: Api<KeepaliveNodeReport> = Api::all(client);
+    let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registry = Registry::with_prefix("keepalive_agent");
+    let metrics = AgentMetrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    // Seconds (since the agent started) at the end of the last completed scan; 0 before the first.
+    let started_at = std::time::Instant::now();
+    let last_scan = Arc::new(AtomicU64::new(0));
     if let Some(addr) = args.admin_listen.0 {
         let listener = server::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "probes and metrics serving");
@@ -130,45 +178,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(node = %args.node_name, "agent running");
     loop {
         tokio::select! {
-            event = events.next() => match event {
-                Some(event) => {
-                    relist.handle(&mut pods, event);
-                }
-                None => return Ok(()),
-            },
             _ = tick.tick() => {
-                if !relist.synced() {
-                    continue;
-                }
-                let snapshot: Vec<NodePod> = pods.0.values().cloned().collect();
                 let previous = written.as_ref().map(|(s, _)| s.pods.clone()).unwrap_or_default();
                 let now = Time(Timestamp::now());
-                let stamp = now.clone();
-                let mut taken = scanner.take().expect("the scanner is back after every scan");
                 let started = std::time::Instant::now();
-                let Ok((back, (node, pod_reports))) = tokio::task::spawn_blocking(move || {
-                    let result = taken.scan(&snapshot, &previous, &stamp);
-                    (taken, result)
-                })
-                .await
-                else {
-                    // The scan panicked: start over with a fresh scanner.
-                    scanner = Some(Scanner::with_counting(
-                        args.proc_root.clone(),
-                        args.node_netns_pid,
-                        args.count_connections,
-                        args.count_every_scans,
-                    ));
+                // A scan that panicked is dropped; the reader starts over with a fresh scanner.
+                let Some(scan) = reader.scan(previous, now.clone()).await else {
                     continue;
                 };
-                scanner = Some(back);
                 metrics.scan_duration.observe(started.elapsed().as_secs_f64());
+                metrics.over_budget(Budget::Sockets, scan.stats.over_sockets);
+                metrics.over_budget(Budget::Processes, scan.stats.over_processes);
+                if scan.stats.uncounted > 0 {
+                    metrics.scans_over_deadline.inc();
+                    tracing::info!(uncounted = scan.stats.uncounted, "scan deadline reached: the others are counted first next scan");
+                }
                 last_scan.store(started_at.elapsed().as_secs().max(1), Ordering::Relaxed);
+                let pod_reports = scan.pods;
                 let spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
                     scan_interval_seconds: i32::try_from(args.scan_interval_seconds).unwrap_or(i32::MAX),
-                    node_sysctls: node,
+                    node_sysctls: scan.node,
                     verified_pods: pod_reports.iter().filter(|r| r.sysctls.is_some()).count() as i32,
                     unverified_pods: pod_reports.iter().filter(|r| r.sysctls.is_none()).count() as i32,
                     pods: pod_reports,

@@ -1,47 +1,17 @@
-//! The scan of a node: which pods to read, reading them through kept namespace handles, and the bookkeeping
-//! between scans (which pods to recount, read times carried over) as pure functions.
+//! The scan of a node: which pods are on it (from cgroups), reading them through kept namespace handles, and the
+//! bookkeeping between scans (which pods to recount, budgets, read times carried over) as pure functions.
 
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
 };
 
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::kernel;
-use crate::{
-    api::{LiveKeepalive, PodLiveReport},
-    runtime::watch::Index,
-};
-
-/// A pod of this node, as the scan needs it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodePod {
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
-    pub host_network: bool,
-    /// Not terminated (phase neither Succeeded nor Failed).
-    pub running: bool,
-    /// Phase Running: its sandbox is up, so a missing process is an error worth reporting. A Pending pod without
-    /// a process yet is left out of the report until it starts.
-    pub started: bool,
-}
-
-impl NodePod {
-    pub fn from_pod(pod: &Pod) -> Option<NodePod> {
-        let spec = pod.spec.as_ref();
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        Some(NodePod {
-            uid: pod.metadata.uid.clone()?,
-            namespace: pod.metadata.namespace.clone()?,
-            name: pod.metadata.name.clone()?,
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            running: !matches!(phase, Some("Succeeded" | "Failed")),
-            started: phase == Some("Running"),
-        })
-    }
-}
+use super::kernel::{self, Dump, PodProcesses, ProcessRef, ReadError};
+use crate::api::{LiveKeepalive, MAX_READ_ERROR_CHARS, MAX_REPORT_PODS, PodLiveReport};
 
 /// How the agent counts a pod's established connections and those with keepalive armed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,24 +25,91 @@ pub enum Counting {
     SocketFds,
 }
 
+/// What one scan may spend on one pod, and on all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budgets {
+    /// A pod with more sockets is not counted (its sysctls still are); it is tried again rarely.
+    pub max_sockets: u32,
+    /// Processes of a pod beyond this many are not examined (no stat, no descriptor walk).
+    pub max_processes: usize,
+    /// Connection counting stops once the scan has taken this long; the pods not counted keep their previous
+    /// counts and come first next scan.
+    pub deadline: Duration,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            max_sockets: 50_000,
+            max_processes: 1_000,
+            deadline: Duration::from_secs(8),
+        }
+    }
+}
+
+/// A pod over the socket budget is tried again only every this many of its due times.
+pub const OVER_BUDGET_BACKOFF: u64 = 10;
+
+/// What a scan found beside the readings, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanStats {
+    /// Pods whose connections are not counted: more sockets than the budget.
+    pub over_sockets: usize,
+    /// Pods with more processes than the budget.
+    pub over_processes: usize,
+    /// Pods due for counting that the deadline left uncounted.
+    pub uncounted: usize,
+}
+
+/// One scan's result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scan {
+    /// The node's own values (hostNetwork pods run with them).
+    pub node: Option<LiveKeepalive>,
+    /// One entry per pod, sorted by UID.
+    pub pods: Vec<PodLiveReport>,
+    pub stats: ScanStats,
+}
+
+/// The connection counts kept of a pod between scans.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountState {
+    /// The last complete count.
+    pub connections: Option<kernel::Connections>,
+    /// The scan that last tried (and finished or abandoned) a count.
+    pub last: u64,
+    /// The last try found more sockets than the budget.
+    pub over_budget: bool,
+}
+
 /// The agent's scan state: an open [`kernel::NetnsHandle`] on each pod's network namespace, kept across scans, so
 /// a pod's namespace is entered once in its life (and again only if its namespace is replaced), and the last
 /// connection counts of each pod.
 ///
-/// Each scan: one walk of /proc finds the processes of every pod; every pod's sysctls are read through its
-/// handle; connections are counted for new pods and, with sock_diag, for the 1/`count_every` of the others
-/// counted longest ago (all pods with socket fds).
+/// Each scan: one walk of /proc finds every pod (by the pod UID of each process's cgroup) and its sandbox (its
+/// oldest process); every pod's sysctls are read through its handle; connections are counted for new pods and,
+/// with sock_diag, for the 1/`count_every` of the others counted longest ago (all pods with socket fds), until
+/// the deadline.
 pub struct Scanner {
     proc_root: PathBuf,
     node_pid: u32,
-    /// Per pod UID: the process the handle was opened through, and the handle.
-    pods: HashMap<String, (u32, kernel::NetnsHandle)>,
+    /// Per pod UID: the handle on its sandbox's network namespace.
+    pods: HashMap<String, kernel::NetnsHandle>,
     node: Option<kernel::NetnsHandle>,
     counting: Counting,
     count_every: u32,
+    budgets: Budgets,
     scans: u64,
-    /// Per pod UID: the last counts, and the scan that counted them.
-    counts: HashMap<String, (kernel::Connections, u64)>,
+    counts: HashMap<String, CountState>,
+}
+
+/// What became of one pod's count in a scan.
+enum Counted {
+    Done(kernel::Connections),
+    OverBudget,
+    Failed(String),
+    /// The deadline passed first.
+    NotReached,
 }
 
 impl Scanner {
@@ -93,9 +130,15 @@ impl Scanner {
             node: None,
             counting,
             count_every: count_every.max(1),
+            budgets: Budgets::default(),
             scans: 0,
             counts: HashMap::new(),
         }
+    }
+
+    pub fn with_budgets(mut self, budgets: Budgets) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     /// Namespaces held open (one per pod read).
@@ -103,179 +146,302 @@ impl Scanner {
         self.pods.len()
     }
 
-    /// One scan of the node: the readings of every running pod (hostNetwork pods are judged by the node's
-    /// values), keeping `readAt` of readings that did not change.
-    pub fn scan(
-        &mut self,
-        pods: &[NodePod],
-        previous: &[PodLiveReport],
-        now: &Time,
-    ) -> (Option<LiveKeepalive>, Vec<PodLiveReport>) {
+    /// Whether the namespace of pod `uid` is held open.
+    pub fn has_handle(&self, uid: &str) -> bool {
+        self.pods.contains_key(uid)
+    }
+
+    /// One scan of the node: an entry for every pod with a process on it (hostNetwork pods, in the node's own
+    /// network namespace, are left out: they run with the node's values), keeping `readAt` of readings that did
+    /// not change.
+    pub fn scan(&mut self, previous: &[PodLiveReport], now: &Time) -> Scan {
+        let started = Instant::now();
+        let deadline = started + self.budgets.deadline;
         self.scans += 1;
-        let node = self.node_values();
-        let scanned: Vec<&NodePod> = pods.iter().filter(|p| p.running && !p.host_network).collect();
-        let (processes, errors) = self.refresh_handles(&scanned);
-        self.counts.retain(|uid, _| self.pods.contains_key(uid));
-        let to_count = self.pods_to_count(&scanned);
+        let scan = self.scans;
+        let node_process = ProcessRef::open(&self.proc_root, self.node_pid).ok();
+        let node_inode = node_process.as_ref().and_then(|p| p.ns_inode("net").ok());
+        let host_userns = node_process.as_ref().and_then(|p| p.ns_inode("user").ok()).or_else(|| {
+            ProcessRef::open(std::path::Path::new("/proc"), std::process::id())
+                .ok()?
+                .ns_inode("user")
+                .ok()
+        });
+        let node = self.node_values(node_process.as_ref(), node_inode);
+
+        // The pods, each with the inode of its sandbox's network namespace; hostNetwork pods left out.
+        let found = kernel::find_pods(&self.proc_root, self.budgets.max_processes);
+        let mut pods: Vec<(String, PodProcesses<ProcessRef>, Result<u64, ReadError>)> = Vec::new();
+        for (uid, pod) in found {
+            let Some((_, sandbox)) = &pod.sandbox else { continue };
+            let inode = sandbox.ns_inode("net");
+            if inode.as_ref().ok().is_some_and(|i| Some(*i) == node_inode) {
+                continue;
+            }
+            pods.push((uid, pod, inode));
+            if pods.len() == MAX_REPORT_PODS {
+                break;
+            }
+        }
+        let present: HashSet<&str> = pods.iter().map(|(uid, ..)| uid.as_str()).collect();
+        self.pods.retain(|uid, _| present.contains(uid.as_str()));
+        self.counts.retain(|uid, _| present.contains(uid.as_str()));
+        drop(present);
+
+        // Handles: kept while the sandbox's namespace is the same; opened for the others.
+        let mut errors: HashMap<String, Vec<String>> = HashMap::new();
+        let mut to_open = Vec::new();
+        for (uid, pod, inode) in &pods {
+            match inode {
+                Ok(inode) if self.pods.get(uid).is_some_and(|h| h.inode == *inode) => {}
+                Ok(_) => {
+                    self.pods.remove(uid);
+                    to_open.push((uid, pod));
+                }
+                Err(e) => {
+                    self.pods.remove(uid);
+                    errors.entry(uid.clone()).or_default().push(e.to_string());
+                }
+            }
+        }
+        let opened = parallel(&to_open, |(uid, pod)| {
+            let (_, sandbox) = pod.sandbox.as_ref().expect("pods have a sandbox");
+            ((*uid).clone(), open_handle(sandbox, host_userns))
+        });
+        for (uid, handle) in opened {
+            match handle {
+                Ok(handle) => {
+                    self.pods.insert(uid, handle);
+                }
+                Err(e) => errors.entry(uid).or_default().push(e.to_string()),
+            }
+        }
+
+        // Sysctls: cheap, every pod every scan.
+        let sysctls: Vec<Option<Result<LiveKeepalive, ReadError>>> =
+            parallel(&pods, |(uid, ..)| self.pods.get(uid).map(|h| h.sysctls()));
+
+        // Connections: the pods due, oldest first, until the deadline.
+        let readable = pods
+            .iter()
+            .filter(|(uid, ..)| self.pods.contains_key(uid))
+            .map(|(uid, ..)| (uid.as_str(), self.counts.get(uid).copied()));
+        let due = pods_due(readable, self.counting_every(), scan);
+        let by_uid: HashMap<&str, &PodProcesses<ProcessRef>> =
+            pods.iter().map(|(uid, pod, _)| (uid.as_str(), pod)).collect();
+        let counted = parallel(&due, |uid| {
+            if Instant::now() >= deadline {
+                return Counted::NotReached;
+            }
+            self.count(uid, &self.pods[*uid], by_uid[uid])
+        });
+        let mut uncounted = 0;
+        for (uid, result) in due.iter().zip(counted) {
+            let state = self.counts.entry(uid.to_string()).or_default();
+            match result {
+                Counted::Done(c) => {
+                    *state = CountState {
+                        connections: Some(c),
+                        last: scan,
+                        over_budget: false,
+                    }
+                }
+                Counted::OverBudget => {
+                    *state = CountState {
+                        connections: None,
+                        last: scan,
+                        over_budget: true,
+                    }
+                }
+                Counted::Failed(e) => {
+                    errors
+                        .entry(uid.to_string())
+                        .or_default()
+                        .push(format!("connections not counted: {e}"));
+                }
+                Counted::NotReached => uncounted += 1,
+            }
+        }
+
         let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
-        let read_one = |pod: &NodePod| {
+        let mut stats = ScanStats {
+            uncounted,
+            ..ScanStats::default()
+        };
+        let mut reports = Vec::with_capacity(pods.len());
+        for ((uid, pod, _), sysctls) in pods.iter().zip(sysctls) {
+            let mut problems = Vec::new();
+            if pod.over_budget() {
+                stats.over_processes += 1;
+                problems.push(format!(
+                    "processes not examined: more than {} processes (--max-processes-per-pod)",
+                    self.budgets.max_processes
+                ));
+            }
             let mut report = PodLiveReport {
-                uid: pod.uid.clone(),
+                uid: uid.clone(),
                 sysctls: None,
                 established: 0,
                 keepalive: 0,
                 read_at: now.clone(),
                 error: None,
             };
-            let mut counted = None;
-            match (self.pods.get(&pod.uid), errors.get(&pod.uid)) {
-                (Some((_, handle)), _) => match handle.sysctls() {
-                    Ok(sysctls) => {
-                        report.sysctls = Some(sysctls);
-                        let connections = if to_count.contains(pod.uid.as_str()) {
-                            match self.count(handle, processes.get(&pod.uid)) {
-                                Ok(c) => {
-                                    counted = Some(c);
-                                    Some(c)
-                                }
-                                // The values were read: the pod stays verified, the counts are said to be missing.
-                                Err(e) => {
-                                    report.error = Some(format!("connections not counted: {e}"));
-                                    None
-                                }
-                            }
-                        } else {
-                            self.counts.get(&pod.uid).map(|(c, _)| *c)
-                        };
-                        if let Some(c) = connections {
-                            report.established = c.established as i32;
-                            report.keepalive = c.keepalive as i32;
-                        }
-                    }
-                    Err(e) => report.error = Some(e.to_string()),
-                },
-                (None, Some(error)) => report.error = Some(error.clone()),
-                (None, None) if !pod.started => return None,
-                (None, None) => report.error = Some("no process of the pod found on the host".to_string()),
+            match sysctls {
+                Some(Ok(values)) => report.sysctls = Some(values),
+                Some(Err(e)) => problems.push(e.to_string()),
+                None => {}
             }
-            if let Some(old) = previous.get(pod.uid.as_str()) {
+            problems.extend(errors.remove(uid).unwrap_or_default());
+            if report.sysctls.is_some() {
+                let state = self.counts.get(uid).copied().unwrap_or_default();
+                if state.over_budget {
+                    stats.over_sockets += 1;
+                    problems.push(format!(
+                        "connections not counted: more than {} sockets (--max-sockets-per-pod)",
+                        self.budgets.max_sockets
+                    ));
+                } else if let Some(c) = state.connections {
+                    report.established = i32::try_from(c.established).unwrap_or(i32::MAX);
+                    report.keepalive = i32::try_from(c.keepalive).unwrap_or(i32::MAX);
+                }
+            }
+            if !problems.is_empty() {
+                report.error = Some(truncate_chars(&problems.join("; "), MAX_READ_ERROR_CHARS));
+            }
+            if let Some(old) = previous.get(uid.as_str()) {
                 keep_read_at(&mut report, old);
-            }
-            Some((report, counted))
-        };
-        // The readings wait on the kernel, not on each other: spread them over the cores.
-        let results = parallel(&scanned, |p| read_one(p));
-        let scan = self.scans;
-        let mut reports = Vec::with_capacity(results.len());
-        for (report, counted) in results.into_iter().flatten() {
-            if let Some(c) = counted {
-                self.counts.insert(report.uid.clone(), (c, scan));
             }
             reports.push(report);
         }
-        reports.sort_by(|a, b| a.uid.cmp(&b.uid));
-        (node, reports)
+        Scan {
+            node,
+            pods: reports,
+            stats,
+        }
     }
 
-    /// The pods whose connections this scan counts: never counted yet, or the longest ago (a share of
-    /// 1/`count_every` of them with sock_diag; all of them with socket fds).
-    fn pods_to_count<'a>(&self, pods: &[&'a NodePod]) -> HashSet<&'a str> {
-        let readable = pods
-            .iter()
-            .filter(|p| self.pods.contains_key(&p.uid))
-            .map(|p| (p.uid.as_str(), self.counts.get(&p.uid).map(|(_, scan)| *scan)));
-        let every = if self.counting == Counting::SocketFds {
+    fn counting_every(&self) -> u32 {
+        if self.counting == Counting::SocketFds {
             1
         } else {
             self.count_every
-        };
-        due_for_counting(readable, every)
-    }
-
-    fn count(
-        &self,
-        handle: &kernel::NetnsHandle,
-        pids: Option<&Vec<u32>>,
-    ) -> Result<kernel::Connections, kernel::ReadError> {
-        match (self.counting, pids) {
-            // Denied for one process (an LSM, a Yama policy): the namespace dump still counts it.
-            (Counting::SocketFds, Some(pids)) => {
-                kernel::count_held_connections(&self.proc_root, pids).or_else(|_| handle.connections())
-            }
-            _ => handle.connections(),
         }
     }
 
-    fn node_values(&mut self) -> Option<LiveKeepalive> {
-        let current = kernel::netns_inode(&self.proc_root, self.node_pid).ok()?;
-        if self.node.as_ref().is_none_or(|h| h.inode != current) {
-            self.node = kernel::NetnsHandle::open(&self.proc_root, self.node_pid).ok();
+    fn count(&self, uid: &str, handle: &kernel::NetnsHandle, pod: &PodProcesses<ProcessRef>) -> Counted {
+        let max = self.budgets.max_sockets;
+        let dump = match self.counting {
+            Counting::SocketFds => {
+                let belongs = |p: &ProcessRef| {
+                    p.read("cgroup")
+                        .ok()
+                        .and_then(|t| kernel::pod_uid_from_proc_cgroup(&t))
+                        .is_some_and(|u| u == uid)
+                };
+                // Denied for one process (an LSM, a Yama policy): the namespace dump still counts it.
+                kernel::count_held_connections(&self.proc_root, &pod.pids, max, belongs)
+                    .or_else(|_| handle.connections_within(max))
+            }
+            Counting::SockDiag => handle.connections_within(max),
+        };
+        match dump {
+            Ok(Dump::Counted(c)) => Counted::Done(c),
+            Ok(Dump::OverBudget) => Counted::OverBudget,
+            Err(e) => Counted::Failed(e.to_string()),
+        }
+    }
+
+    fn node_values(&mut self, node: Option<&ProcessRef>, inode: Option<u64>) -> Option<LiveKeepalive> {
+        if self.node.as_ref().map(|h| h.inode) != inode || self.node.is_none() {
+            self.node = node
+                .and_then(|p| p.netns().ok())
+                .and_then(|ns| kernel::NetnsHandle::open(ns).ok());
         }
         self.node.as_ref()?.sysctls().ok()
     }
-
-    /// Finds the processes of `pods` (one /proc walk), keeps the handles of pods whose first process still lives
-    /// in the same namespace, forgets the others, and opens handles for pods without one. Returns the processes
-    /// of each pod, and why a pod's namespace could not be opened.
-    #[allow(clippy::type_complexity)]
-    fn refresh_handles(&mut self, pods: &[&NodePod]) -> (HashMap<String, Vec<u32>>, HashMap<String, String>) {
-        let wanted: HashSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
-        let proc_root = &self.proc_root;
-        let processes = kernel::find_pod_processes(proc_root, &wanted);
-        self.pods.retain(|uid, (_, handle)| {
-            processes
-                .get(uid)
-                .and_then(|pids| pids.first())
-                .is_some_and(|pid| kernel::netns_inode(proc_root, *pid).is_ok_and(|i| i == handle.inode))
-        });
-        let missing: Vec<(String, u32)> = processes
-            .iter()
-            .filter(|(uid, _)| !self.pods.contains_key(*uid))
-            .filter_map(|(uid, pids)| Some((uid.clone(), *pids.first()?)))
-            .collect();
-        let mut errors = HashMap::new();
-        let opened = parallel(&missing, |(uid, pid)| {
-            (uid.clone(), *pid, kernel::NetnsHandle::open(proc_root, *pid))
-        });
-        for (uid, pid, handle) in opened {
-            match handle {
-                Ok(handle) => {
-                    self.pods.insert(uid, (pid, handle));
-                }
-                Err(e) => {
-                    errors.insert(uid, e.to_string());
-                }
-            }
-        }
-        (processes, errors)
-    }
 }
 
-/// `f` over `items` on up to four threads (the work waits on the kernel), results in order.
+/// Opens a handle on the network namespace of a pod's sandbox, unless a user namespace other than the host's owns
+/// it (a pod with user namespaces: its values are the pod's own business, and entering is refused).
+fn open_handle(sandbox: &ProcessRef, host_userns: Option<u64>) -> Result<kernel::NetnsHandle, ReadError> {
+    let ns = sandbox.netns()?;
+    let owner = kernel::owner_userns_inode(std::os::fd::AsFd::as_fd(&ns))?;
+    if host_userns.is_some_and(|host| host != owner) {
+        return Err(ReadError::UserNamespace);
+    }
+    kernel::NetnsHandle::open(ns)
+}
+
+/// `s` cut to at most `max` characters (on a character boundary), an ellipsis marking the cut.
+pub fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// `f` over `items` on up to four threads (the work waits on the kernel), results in order. Items are taken in
+/// order by whichever thread is free, so the first ones are done first.
 fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-    if items.len() < 8 || workers == 1 {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(2, 4);
+    if items.len() < 8 {
         return items.iter().map(&f).collect();
     }
-    let chunk = items.len().div_ceil(workers);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Vec<_>>()))
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name("ka-kernel-w".into())
+                    .spawn_scoped(s, || {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(item) = items.get(i) else { break };
+                            done.push((i, f(item)));
+                        }
+                        done
+                    })
+                    .expect("a scan worker thread")
+            })
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().expect("a scan worker panicked"))
             .collect()
-    })
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
-/// The pods a scan counts connections of, from each readable pod's UID and the scan that last counted it:
-/// every pod never counted, and the 1/`every` of the others counted longest ago (all of them with `every` 1).
-pub fn due_for_counting<'a>(
-    readable: impl IntoIterator<Item = (&'a str, Option<u64>)>,
+/// The pods a scan counts, in order, from each readable pod's UID and count state: first those never counted,
+/// then the 1/`every` of the others counted longest ago (all with `every` 1), last the pods over the socket budget
+/// whose rare turn has come (every [`OVER_BUDGET_BACKOFF`] due times: they never hold the others back).
+pub fn pods_due<'a>(
+    readable: impl IntoIterator<Item = (&'a str, Option<CountState>)>,
     every: u32,
-) -> HashSet<&'a str> {
+    scan: u64,
+) -> Vec<&'a str> {
+    let (over, normal): (Vec<_>, Vec<_>) = readable
+        .into_iter()
+        .partition(|(_, state)| state.is_some_and(|s| s.over_budget));
+    let mut due = due_for_counting(normal.into_iter().map(|(uid, s)| (uid, s.map(|s| s.last))), every);
+    let backoff = OVER_BUDGET_BACKOFF * u64::from(every.max(1));
+    let mut retry: Vec<(&str, u64)> = over
+        .into_iter()
+        .filter_map(|(uid, s)| s.map(|s| (uid, s.last)))
+        .filter(|(_, last)| scan >= last + backoff)
+        .collect();
+    retry.sort_by_key(|(_, last)| *last);
+    due.extend(retry.into_iter().map(|(uid, _)| uid));
+    due
+}
+
+/// The pods a scan counts connections of, in order, from each pod's UID and the scan that last counted it: every
+/// pod never counted, then the 1/`every` of the others counted longest ago (all of them with `every` 1).
+pub fn due_for_counting<'a>(readable: impl IntoIterator<Item = (&'a str, Option<u64>)>, every: u32) -> Vec<&'a str> {
     let (new, mut counted): (Vec<_>, Vec<_>) = readable.into_iter().partition(|(_, last)| last.is_none());
     counted.sort_by_key(|(_, last)| *last);
     let share = counted.len().div_ceil(every.max(1) as usize);
@@ -297,29 +463,6 @@ pub fn keep_read_at(report: &mut PodLiveReport, previous: &PodLiveReport) {
     }
 }
 
-/// The pods of this node by UID, fed by the agent's pod watch through [`crate::runtime::watch::Relist`].
-#[derive(Default)]
-pub struct NodePods(pub HashMap<String, NodePod>);
-
-impl Index<Pod> for NodePods {
-    type Entry = NodePod;
-
-    fn entry(&mut self, pod: Pod) -> Option<NodePod> {
-        NodePod::from_pod(&pod)
-    }
-    fn apply(&mut self, pod: NodePod) {
-        self.0.insert(pod.uid.clone(), pod);
-    }
-    fn delete(&mut self, pod: Pod) {
-        if let Some(uid) = pod.metadata.uid {
-            self.0.remove(&uid);
-        }
-    }
-    fn reset(&mut self, pods: Vec<NodePod>) {
-        self.0 = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use k8s_openapi::jiff::Timestamp;
@@ -337,9 +480,39 @@ pub(super) mod tests {
         ];
         let due = due_for_counting(pods, 3);
         // c is new; of the 4 counted ones, ceil(4/3) = 2 are due: those counted longest ago (e at 1, b at 3).
-        assert_eq!(due, HashSet::from(["c", "e", "b"]));
+        assert_eq!(due, ["c", "e", "b"], "new first, then the oldest");
         assert_eq!(due_for_counting(pods, 1).len(), 5, "every scan: all of them");
         assert!(due_for_counting([], 3).is_empty());
+    }
+
+    #[test]
+    fn pods_over_the_socket_budget_are_retried_rarely_and_last() {
+        let state = |last, over_budget| {
+            Some(CountState {
+                connections: None,
+                last,
+                over_budget,
+            })
+        };
+        let pods = [("big", state(1, true)), ("a", state(5, false)), ("new", None)];
+        assert_eq!(pods_due(pods, 1, 6), ["new", "a"], "big waits");
+        assert_eq!(pods_due(pods, 1, 11), ["new", "a", "big"], "its turn, after the others");
+        assert_eq!(pods_due(pods, 3, 11), ["new", "a"], "10 due times of every 3rd scan");
+        assert_eq!(pods_due(pods, 3, 31), ["new", "a", "big"]);
+    }
+
+    #[test]
+    fn errors_are_cut_to_the_report_bound_on_a_character_boundary() {
+        assert_eq!(truncate_chars("short", 256), "short");
+        let long = "é".repeat(300);
+        let cut = truncate_chars(&long, 256);
+        assert_eq!(cut.chars().count(), 256);
+        assert!(cut.ends_with('…'));
+        assert_eq!(
+            truncate_chars(&"x".repeat(256), 256).len(),
+            256,
+            "exactly the bound: kept"
+        );
     }
 
     #[test]

@@ -154,6 +154,35 @@ impl Sandbox {
         ]);
     }
 
+    /// The namespace's bind mount (to enter it with setns).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.netns))
+    }
+
+    /// The pod's container-level cgroup directory.
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.leaf
+    }
+
+    /// Places process `pid` in the pod's cgroup, as the runtime places a container's processes.
+    pub fn adopt(&self, pid: u32) {
+        std::fs::write(self.leaf.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// Runs `f` on a thread of its own inside the namespace.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = std::fs::File::open(self.netns_path()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) on a valid descriptor, on a thread that only runs `f` and ends.
+                assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     /// Ends the sandbox's process now (the namespace and cgroups stay until drop).
     pub fn kill_process(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,12 +1,19 @@
 //! Which host process belongs to which pod: the pod UID in /proc/<pid>/cgroup, as kubelet lays cgroups out.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
+    os::fd::AsFd,
     path::Path,
 };
 
-/// The pod UID in a kubelet cgroup path, normalized to the usual dashed form.
+use rustix::fs::{Mode, OFlags};
+
+use super::ProcessRef;
+
+/// The pod UID in a kubelet cgroup path: a dashed UUID, normalized to lowercase, or the 32 lowercase hex digits
+/// kubelet gives a static pod (its config hash, which the mirror pod shows as `kubernetes.io/config.mirror`), as
+/// is.
 ///
 /// Layouts (cgroup v1 per controller, v2 unified, same paths):
 /// - cgroupfs driver: `/kubepods/pod<uid>/<ctr>`, `/kubepods/burstable/pod<uid>/<ctr>`,
@@ -26,7 +33,16 @@ pub fn pod_uid_from_cgroup_path(path: &str) -> Option<String> {
             segment.strip_prefix("pod")?
         };
         let uid = raw.replace('_', "-");
-        (uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then(|| uid.to_ascii_lowercase())
+        let dashed = uid.len() == 36
+            && uid.bytes().enumerate().all(|(i, b)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+        let hash = uid.len() == 32 && uid.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        (dashed || hash).then(|| uid.to_ascii_lowercase())
     })
 }
 
@@ -36,10 +52,65 @@ pub fn pod_uid_from_proc_cgroup(text: &str) -> Option<String> {
         .find_map(|line| pod_uid_from_cgroup_path(line.splitn(3, ':').nth(2)?))
 }
 
-/// For every wanted pod UID, the host processes of that pod, lowest pid first, found by scanning `proc_root`.
-/// Processes that vanish or cannot be read are skipped.
-pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap<String, Vec<u32>> {
-    let mut found: HashMap<String, Vec<u32>> = HashMap::new();
+/// The processes of one pod found by a walk of /proc: its oldest process examined (the sandbox: the pause
+/// container starts first, and no process of the pod can be older), the pids examined, and how many there were.
+/// `T` is what is kept of the sandbox (an open [`ProcessRef`] in the agent).
+#[derive(Debug)]
+pub struct PodProcesses<T> {
+    /// The oldest process examined, by (start time, pid).
+    pub sandbox: Option<((u64, u32), T)>,
+    /// The pids examined (at most the budget), lowest first once the walk is over.
+    pub pids: Vec<u32>,
+    /// Every process of the pod, examined or not.
+    pub total: usize,
+}
+
+impl<T> Default for PodProcesses<T> {
+    fn default() -> Self {
+        PodProcesses {
+            sandbox: None,
+            pids: Vec::new(),
+            total: 0,
+        }
+    }
+}
+
+impl<T> PodProcesses<T> {
+    /// Counts one more process of the pod; whether it is to be examined (at most `max` are).
+    pub fn admit(&mut self, pid: u32, max: usize) -> bool {
+        self.total += 1;
+        let examined = self.pids.len() < max;
+        if examined {
+            self.pids.push(pid);
+        }
+        examined
+    }
+
+    /// Offers an examined process started at `start`: it becomes the sandbox if it is older (ties: lower pid).
+    pub fn offer(&mut self, start: u64, pid: u32, process: T) {
+        if self.sandbox.as_ref().is_none_or(|(key, _)| (start, pid) < *key) {
+            self.sandbox = Some(((start, pid), process));
+        }
+    }
+
+    /// More processes than were examined.
+    pub fn over_budget(&self) -> bool {
+        self.total > self.pids.len()
+    }
+}
+
+/// Every pod with a process on the host, by UID: one walk of `proc_root`, reading each process's cgroup through
+/// its /proc directory; of each pod, at most `max_processes` processes are examined further (their start time),
+/// the oldest of them is kept open. Processes that vanish or cannot be read are skipped.
+pub fn find_pods(proc_root: &Path, max_processes: usize) -> BTreeMap<String, PodProcesses<ProcessRef>> {
+    let mut found: BTreeMap<String, PodProcesses<ProcessRef>> = BTreeMap::new();
+    let Ok(root) = rustix::fs::open(
+        proc_root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return found;
+    };
     let Ok(entries) = fs::read_dir(proc_root) else {
         return found;
     };
@@ -47,17 +118,38 @@ pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(text) = fs::read_to_string(entry.path().join("cgroup")) else {
+        let Ok(process) = ProcessRef::open_in(root.as_fd(), pid) else {
             continue;
         };
-        if let Some(uid) = pod_uid_from_proc_cgroup(&text).filter(|u| wanted.contains(u)) {
-            found.entry(uid).or_default().push(pid);
+        let Some(uid) = process.read("cgroup").ok().and_then(|t| pod_uid_from_proc_cgroup(&t)) else {
+            continue;
+        };
+        let pod = found.entry(uid).or_default();
+        if !pod.admit(pid, max_processes) {
+            continue;
+        }
+        match process.start_time() {
+            Ok(start) => pod.offer(start, pid, process),
+            Err(_) => {
+                pod.pids.pop();
+                pod.total -= 1;
+            }
         }
     }
-    for pids in found.values_mut() {
-        pids.sort_unstable();
+    found.retain(|_, pod| pod.sandbox.is_some());
+    for pod in found.values_mut() {
+        pod.pids.sort_unstable();
     }
     found
+}
+
+/// For every wanted pod UID, the host processes of that pod, lowest pid first.
+pub fn find_pod_processes(proc_root: &Path, wanted: &HashSet<String>) -> HashMap<String, Vec<u32>> {
+    find_pods(proc_root, usize::MAX)
+        .into_iter()
+        .filter(|(uid, _)| wanted.contains(uid))
+        .map(|(uid, pod)| (uid, pod.pids))
+        .collect()
 }
 
 #[cfg(test)]
@@ -107,6 +199,11 @@ mod tests {
             None
         );
         assert_eq!(pod_uid_from_cgroup_path("/kubepods/burstable/podnot-a-uid/c"), None);
+        assert_eq!(
+            pod_uid_from_cgroup_path("/kubepods/pod0f3c2f7e1-a2b-4c5d-8e9f-0123456789ab/c"),
+            None,
+            "dashes in the wrong places"
+        );
         // Seen from inside a cgroup namespace (the agent's container on cgroup v2), and under a cgroup root.
         assert_eq!(
             pod_uid_from_proc_cgroup(&format!("0::/../../besteffort/pod{UID}/c1\n")).as_deref(),
@@ -124,5 +221,54 @@ mod tests {
             pod_uid_from_cgroup_path(&format!("/custom-root/kubepods/pod{UID}/c")).as_deref(),
             Some(UID)
         );
+    }
+
+    const STATIC: &str = "6a3c1b0f9e8d7c6b5a4f3e2d1c0b9a88";
+
+    #[test]
+    fn static_pods_hash_uids_are_taken_as_they_are() {
+        for path in [
+            format!("/kubepods/pod{STATIC}/abc"),
+            format!("/kubepods/burstable/pod{STATIC}/abc"),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC}.slice/crio-abc.scope"),
+        ] {
+            assert_eq!(pod_uid_from_cgroup_path(&path).as_deref(), Some(STATIC), "{path}");
+        }
+        let upper = STATIC.to_ascii_uppercase();
+        assert_eq!(pod_uid_from_cgroup_path(&format!("/kubepods/pod{upper}/c")), None);
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/kubepods/pod{}/c", &STATIC[1..])),
+            None
+        );
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/kubepods/pod{}/c", UID.to_ascii_uppercase())).as_deref(),
+            Some(UID),
+            "dashed UIDs are normalized"
+        );
+    }
+
+    #[test]
+    fn the_sandbox_is_the_oldest_process_ties_by_lowest_pid() {
+        let mut pod = PodProcesses::<&str>::default();
+        for (pid, start, name) in [
+            (300, 50, "app"),
+            (120, 10, "pause"),
+            (90, 10, "tie-lower-pid"),
+            (80, 70, "late"),
+        ] {
+            assert!(pod.admit(pid, 10));
+            pod.offer(start, pid, name);
+        }
+        assert_eq!(pod.sandbox, Some(((10, 90), "tie-lower-pid")));
+        assert!(!pod.over_budget());
+    }
+
+    #[test]
+    fn processes_beyond_the_budget_are_counted_not_examined() {
+        let mut pod = PodProcesses::<()>::default();
+        let examined: Vec<bool> = (1..=5).map(|pid| pod.admit(pid, 3)).collect();
+        assert_eq!(examined, [true, true, true, false, false]);
+        assert_eq!((pod.pids.len(), pod.total), (3, 5));
+        assert!(pod.over_budget());
     }
 }

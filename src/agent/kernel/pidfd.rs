@@ -2,61 +2,84 @@
 
 use std::{
     collections::HashSet,
-    fs, io,
+    io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::Path,
 };
 
 use rustix::{
+    fs::Dir,
     io::Errno,
     net::{AddressFamily, ipproto, sockopt},
     process::{Pid, PidfdFlags, PidfdGetfdFlags},
 };
 
-use super::{Connections, ReadError};
+use super::{Connections, Dump, ProcessRef, ReadError};
 
-/// Established TCP connections held by the processes `pids` (the processes of one pod), from their socket
-/// descriptors: each socket is borrowed with pidfd_getfd(2) and asked its protocol, its state (TCP_INFO) and
-/// SO_KEEPALIVE. A socket held by several descriptors or processes counts once; processes that end meanwhile
-/// are skipped. This costs a few microseconds per socket, where a sock_diag dump walks the kernel's whole
-/// connection table, shared by all namespaces (about 0.4 ms per namespace with 262 144 buckets).
+/// Established TCP connections held by the processes `pids` (the processes of one pod, each checked with
+/// `belongs` through its /proc entry), from their socket descriptors: each socket is borrowed with
+/// pidfd_getfd(2) and asked its protocol, its state (TCP_INFO) and SO_KEEPALIVE. A socket held by several
+/// descriptors or processes counts once; processes that end meanwhile are skipped; the walk is abandoned once it
+/// has seen more than `max_sockets` sockets. This costs a few microseconds per socket, where a sock_diag dump
+/// walks the kernel's whole connection table, shared by all namespaces (about 0.4 ms per namespace with 262 144
+/// buckets).
 ///
 /// Fails with `Unsupported` on kernels without pidfd_getfd (before 5.6): count with
-/// [`NetnsHandle::connections`] then.
-pub fn count_held_connections(proc_root: &Path, pids: &[u32]) -> Result<Connections, ReadError> {
+/// [`super::NetnsHandle::connections`] then.
+pub fn count_held_connections(
+    proc_root: &Path,
+    pids: &[u32],
+    max_sockets: u32,
+    belongs: impl Fn(&ProcessRef) -> bool,
+) -> Result<Dump, ReadError> {
     let mut seen = HashSet::new();
     let mut counts = Connections::default();
     for &pid in pids {
-        let fds = match fs::read_dir(proc_root.join(pid.to_string()).join("fd")) {
-            Ok(fds) => fds,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // ended meanwhile
-            Err(source) => {
-                return Err(ReadError::Read {
-                    what: format!("descriptors of process {pid}"),
-                    source,
-                });
-            }
+        let Ok(process) = ProcessRef::open(proc_root, pid) else {
+            continue; // ended meanwhile
         };
+        if !belongs(&process) {
+            continue;
+        }
         let Some(pidfd) = pidfd_open(pid)? else {
             continue;
         };
+        // The pidfd was opened while the process behind `process` still lived (reads through its directory
+        // fail once it has ended): it is that process, not another one that got its pid.
+        if process.start_time().is_err() {
+            continue;
+        }
+        let fd_dir = match process.open_file("fd") {
+            Ok(fd) => fd,
+            Err(ReadError::Vanished { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let fds = Dir::read_from(&fd_dir).map_err(|e| ReadError::Read {
+            what: format!("descriptors of process {pid}"),
+            source: e.into(),
+        })?;
         for entry in fds.flatten() {
-            let Ok(target) = fs::read_link(entry.path()) else {
+            let name = entry.file_name();
+            let Ok(target) = rustix::fs::readlinkat(&fd_dir, name, Vec::new()) else {
                 continue;
             };
             let Some(inode) = target
                 .to_str()
+                .ok()
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u64>().ok())
             else {
                 continue;
             };
-            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            let Some(fd) = name.to_str().ok().and_then(|n| n.parse::<i32>().ok()) else {
                 continue;
             };
             if !seen.insert(inode) {
                 continue;
+            }
+            if seen.len() > max_sockets as usize {
+                return Ok(Dump::OverBudget);
             }
             match tcp_state(&pidfd, fd) {
                 Ok(Some((established, keepalive))) => {
@@ -81,7 +104,7 @@ pub fn count_held_connections(proc_root: &Path, pids: &[u32]) -> Result<Connecti
             }
         }
     }
-    Ok(counts)
+    Ok(Dump::Counted(counts))
 }
 
 /// Whether this kernel has pidfd_open and pidfd_getfd (Linux 5.6 and later).

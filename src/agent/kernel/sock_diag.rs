@@ -11,7 +11,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType, netlink};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrAny, SocketFlags, SocketType, netlink};
 
 use super::Connections;
 
@@ -29,14 +29,18 @@ const MSG_TIMER: usize = 2;
 /// `struct nlmsghdr` (16 bytes) + `struct inet_diag_req` (60 bytes).
 const REQUEST_LEN: usize = 76;
 
-/// A sock_diag socket in the calling thread's network namespace.
+/// A sock_diag socket in the calling thread's network namespace, connected to the kernel: the kernel then refuses
+/// (ECONNREFUSED) datagrams other sockets of the namespace send it, so a process of the pod can neither forge
+/// replies nor flood the socket and starve a dump.
 pub fn socket() -> io::Result<OwnedFd> {
-    Ok(rustix::net::socket_with(
+    let fd = rustix::net::socket_with(
         AddressFamily::NETLINK,
         SocketType::DGRAM,
         SocketFlags::CLOEXEC,
         Some(netlink::SOCK_DIAG),
-    )?)
+    )?;
+    rustix::net::connect(&fd, &netlink::SocketAddrNetlink::new(0, 0))?;
+    Ok(fd)
 }
 
 /// The bytes of a dump request for established TCP sockets (IPv4 and IPv6) with sequence number `seq`.
@@ -112,17 +116,42 @@ pub fn parse_replies(mut data: &[u8], seq: u32, counts: &mut Connections) -> io:
     Ok(Progress::More)
 }
 
-/// Established TCP connections of the socket's namespace, and those with keepalive armed, by one dump.
-pub fn established_tcp(fd: &OwnedFd) -> io::Result<Connections> {
+/// The result of a dump with a budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dump {
+    Counted(Connections),
+    /// More sockets than the budget: abandoned part way (the socket must not be used for another request).
+    OverBudget,
+}
+
+/// Whether a datagram came from the kernel (netlink port id 0). Any process of the namespace (with CAP_NET_ADMIN)
+/// can send to the agent's sock_diag socket if it learns its port id (/proc/net/netlink lists them): besides the
+/// socket being connected to the kernel, such datagrams are dropped here.
+pub fn from_kernel(source: Option<&SocketAddrAny>) -> bool {
+    source
+        .and_then(|a| netlink::SocketAddrNetlink::try_from(a.clone()).ok())
+        .is_some_and(|a| a.pid() == 0)
+}
+
+/// Established TCP connections of the socket's namespace, and those with keepalive armed, by one dump; abandoned
+/// once more than `max_sockets` established sockets were seen.
+pub fn established_tcp(fd: &OwnedFd, max_sockets: u32) -> io::Result<Dump> {
     static SEQ: AtomicU32 = AtomicU32::new(1);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     rustix::net::send(fd, &request(seq), SendFlags::empty())?;
     let mut counts = Connections::default();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let (received, _) = rustix::net::recv(fd, &mut buf[..], RecvFlags::empty())?;
-        if parse_replies(&buf[..received], seq, &mut counts)? == Progress::Done {
-            return Ok(counts);
+        let (_, received, source) = rustix::net::recvfrom(fd, &mut buf[..], RecvFlags::empty())?;
+        if !from_kernel(source.as_ref()) {
+            continue;
+        }
+        let progress = parse_replies(&buf[..received.min(buf.len())], seq, &mut counts)?;
+        if counts.established > max_sockets {
+            return Ok(Dump::OverBudget);
+        }
+        if progress == Progress::Done {
+            return Ok(Dump::Counted(counts));
         }
     }
 }
@@ -237,6 +266,17 @@ mod tests {
             parse_replies(&zero_len, 1, &mut counts).is_err(),
             "a zero length would loop forever"
         );
+    }
+
+    #[test]
+    fn only_datagrams_of_the_kernel_are_read() {
+        let kernel: SocketAddrAny = netlink::SocketAddrNetlink::new(0, 0).into();
+        let process: SocketAddrAny = netlink::SocketAddrNetlink::new(4242, 0).into();
+        let inet: SocketAddrAny = std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into();
+        assert!(from_kernel(Some(&kernel)));
+        assert!(!from_kernel(Some(&process)), "a process of the namespace");
+        assert!(!from_kernel(Some(&inet)));
+        assert!(!from_kernel(None));
     }
 
     #[test]
