@@ -22,7 +22,8 @@ const PROCESSES: usize = 20_000;
 /// The chart's agent memory limit (charts/keepalive-operator/values.yaml agent.resources.limits.memory).
 const MEMORY_LIMIT_KIB: u64 = 128 * 1024;
 
-/// `count` processes of one pod: a perl parent forks sleepers into its cgroup; on drop it kills and reaps them.
+/// `count` processes of one pod: a perl parent forks sleepers into its cgroup and network namespace (as a pod's
+/// processes share its namespace); on drop it kills and reaps them.
 struct Swarm {
     parent: Child,
     cgroup: PathBuf,
@@ -37,8 +38,9 @@ impl Swarm {
              if (!$p) {{ $SIG{{TERM}} = 'DEFAULT'; sleep 600; exit 0 }} push @kids, $p }} \
              print \"forked\\n\"; sleep 600 while 1;"
         );
-        let parent = Command::new("perl")
-            .args(["-e", &script])
+        let netns = pod.netns_path().file_name().unwrap().to_str().unwrap().to_string();
+        let parent = Command::new("ip")
+            .args(["netns", "exec", &netns, "perl", "-e", &script])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
