@@ -191,6 +191,8 @@ async fn policy_status_joins_the_live_readings() {
     let bad = Sandbox::new("live-bad", &uid(&differs), Layout::SystemdBestEffort, None);
     let good_conns = good.connect(2, 1);
     let _bad_conns = bad.connect(1, 1);
+    // The controller trusts a report only for an existing Node (and stamps it with that Node's UID).
+    node_object(cp, "live-chain-node");
     let agent = Agent::start(cp, "live-chain-node");
 
     let s = status("one pod live-verified, one LiveMismatch", |s| {

@@ -53,8 +53,8 @@ pub struct Connections {
 pub enum ReadError {
     #[error("process {pid} vanished")]
     Vanished { pid: u32 },
-    #[error("cannot enter the network namespace of process {pid}: {source}")]
-    Enter { pid: u32, source: std::io::Error },
+    #[error("cannot enter the pod's network namespace: {source}")]
+    Enter { source: std::io::Error },
     #[error("cannot read {what}: {source}")]
     Read { what: String, source: std::io::Error },
     #[error("network namespace owned by a user namespace of the pod: not read")]
@@ -190,10 +190,8 @@ fn in_netns<T: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> Result<T, ReadError
             .name("ka-kernel-ns".into())
             .spawn_scoped(scope, || {
                 // setns(2) changes only this thread's network namespace; the thread ends right after `f`.
-                move_into_link_name_space(ns, Some(LinkNameSpaceType::Network)).map_err(|e| ReadError::Enter {
-                    pid: 0,
-                    source: e.into(),
-                })?;
+                move_into_link_name_space(ns, Some(LinkNameSpaceType::Network))
+                    .map_err(|e| ReadError::Enter { source: e.into() })?;
                 f()
             })
             .map_err(|source| ReadError::Read {
