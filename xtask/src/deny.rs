@@ -46,6 +46,11 @@ pub fn check() -> Result<()> {
     std::fs::write(&config, committed.replacen("[advisories]\n", &db_path, 1))?;
 
     let advisories = database(&deny, &config, &db_root.join(DB_DIR))?;
+    // cargo-deny runs offline and reads the metadata of every platform's dependencies: a build fetches only this
+    // platform's, so fetch the rest of the lock file first (a no-op once they are in cargo's cache).
+    run(Command::new("cargo")
+        .current_dir(tools::repo_root())
+        .args(["fetch", "--locked", "--quiet"]))?;
     let mut cmd = Command::new(&deny);
     cmd.args(["deny", "--workspace", "--locked", "--offline", "--config"])
         .arg(&config)
