@@ -26,6 +26,8 @@ async fn the_node_report_shows_live_values_and_connections() {
     let _tuned_conns = tuned.connect(2, 1);
     let _default_conns = default.connect(0, 2);
 
+    // A controller of another test of this binary deletes reports of nodes that do not exist.
+    node_object(cp, "node-under-test");
     let agent = Agent::start(cp, "node-under-test");
 
     let reports: Api<KeepaliveNodeReport> = Api::all(client.clone());
