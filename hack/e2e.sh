@@ -19,7 +19,8 @@
 #    clients connect): the first probe after 20 s of idle, an answered probe followed by the next after 20 s,
 #    then, with the server's answers dropped, probes every 5 s and the reset after 3; `ss -o` timers in the
 #    pod's namespace; a client without the policy keeps the 7200 s default and sends no probe; a pod created
-#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back; pods
+#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back; a static pod
+#    (a manifest in the kubelet's staticPodPath) reported by its config hash and counted live-verified; pods
 #    created in a loop through a `kubectl rollout restart` of the operator's 2 replicas: none rejected, none
 #    without its sysctls (the replicas drain on SIGTERM);
 # 5. a PASS/FAIL summary, and hack/node.sh down (unless --keep).
