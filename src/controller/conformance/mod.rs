@@ -433,12 +433,7 @@ impl Conformance {
     /// A pod was created or changed: only its own (old and new) policies are recomputed.
     pub fn upsert_pod(&mut self, mut pod: CachedPod) {
         let key = pod.key();
-        let running = pod.phase.as_deref() == Some("Running") && pod.node.is_some();
-        pod.running_since_report = match self.pods.get(&key) {
-            _ if !running => None,
-            Some((old, _)) if old.node == pod.node && old.running_since_report.is_some() => old.running_since_report,
-            _ => Some(self.reports_of(pod.node.as_deref())),
-        };
+        pod.running_since_report = self.running_since_report(&pod);
         let owned = self.judge(&pod);
         if let Some((old_pod, old)) = self.pods.remove(&key) {
             if old_pod.node != pod.node {
@@ -483,23 +478,24 @@ impl Conformance {
         }
     }
 
-    /// How many reports of `node` this replica has received.
-    fn reports_of(&self, node: Option<&str>) -> u32 {
-        node.and_then(|n| self.nodes.get(n)).map_or(0, |s| s.reports)
+    /// For a pod as it arrives: the report count of its node when it was first seen running on that node (kept
+    /// from the pod as held, else now); `None` while it is not running.
+    fn running_since_report(&self, pod: &CachedPod) -> Option<u32> {
+        if pod.phase.as_deref() != Some("Running") {
+            return None;
+        }
+        let node = pod.node.as_deref()?;
+        match self.pods.get(&pod.key()) {
+            Some((old, _)) if old.node == pod.node && old.running_since_report.is_some() => old.running_since_report,
+            _ => Some(self.nodes.get(node).map_or(0, |s| s.reports)),
+        }
     }
 
     /// Replaces all pods (a watch relist).
     pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = CachedPod>) {
         let mut pods: Vec<CachedPod> = pods.into_iter().collect();
         for pod in &mut pods {
-            let running = pod.phase.as_deref() == Some("Running") && pod.node.is_some();
-            pod.running_since_report = match self.pods.get(&pod.key()) {
-                _ if !running => None,
-                Some((old, _)) if old.node == pod.node && old.running_since_report.is_some() => {
-                    old.running_since_report
-                }
-                _ => Some(self.reports_of(pod.node.as_deref())),
-            };
+            pod.running_since_report = self.running_since_report(pod);
         }
         self.pods = pods.into_iter().map(|p| (p.key(), (p, None))).collect();
         self.by_node.clear();
