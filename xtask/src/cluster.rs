@@ -266,6 +266,9 @@ impl ControlPlane {
             format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
+            // No `kubernetes` Service endpoints: nothing runs in a pod here, and 1.37 refuses to publish a loopback
+            // address through the endpoint reconciler.
+            "--endpoint-reconciler-type=none".into(),
             format!("--secure-port={}", self.apiserver_port),
             format!("--cert-dir={}", p("apiserver-certs")),
             format!("--tls-cert-file={}", p("apiserver.crt")),

@@ -2,7 +2,10 @@
 //!
 //!   cargo xtask demo      local control plane, the chart, the operator and agent, example policies, `kubectl get kap`
 //!   cargo xtask test      every check and test CI runs (this is what `.ci/run` calls): fmt, clippy, cargo deny
-//!                         (supply chain, offline: deny.rs), the tests, e2e
+//!                         (supply chain, offline: deny.rs), the tests on the newest Kubernetes of
+//!                         hack/versions.env, the apiserver suites again on the oldest, e2e
+//!   cargo xtask matrix [V...]  the apiserver suites on every listed Kubernetes version (or those named), and the
+//!                         README's version table rewritten from the results
 //!   cargo xtask e2e       the end-to-end proof on a real single-node cluster (hack/e2e.sh; also the last step of
 //!                         `test` when run as root)
 //!   cargo xtask deny      the supply-chain step of `test` alone (cargo deny check)
@@ -23,6 +26,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(args.iter().any(|a| a == "--hold")),
         Some("test") => test(&args[1..]),
+        Some("matrix") => matrix(&args[1..]),
         Some("cluster") => cluster(),
         Some("e2e") => e2e(),
         Some("deny") => deny::check(),
@@ -32,7 +36,7 @@ fn main() -> ExitCode {
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | e2e | deny | cluster | tools [NAME...] | fuzz [CASES]"
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | matrix [VERSION...] | e2e | deny | cluster | tools [NAME...] | fuzz [CASES]"
             );
             return ExitCode::from(2);
         }
@@ -87,67 +91,256 @@ fn ensure_debian_packages() -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     ensure_debian_packages()?;
-    step("Building etcd, kube-apiserver, kubectl and helm from their Go modules (cached after the first run)");
+    let versions = tools::kube_versions()?;
+    let (newest, oldest) = (&versions[0], &versions[versions.len() - 1]);
+    step(&format!(
+        "Building etcd, kube-apiserver {newest}, kubectl and helm from their Go modules (cached after the first run)"
+    ));
     let bin = tools::build(&[])?;
     step("cargo fmt --check");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy -D warnings");
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     deny::check()?;
-    step("cargo test (unit tests, and integration tests against a real kube-apiserver + etcd)");
-    let mut child = cargo()
-        .args(["test", "--workspace"])
-        .args(extra)
-        .env("KEEPALIVE_BIN_DIR", &bin)
-        .current_dir(tools::repo_root())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    // Echo the output and add up the per-binary results into one closing line.
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(['.', ';']) {
-                let mut words = part.split_whitespace();
-                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
-                    match what {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        "ignored" => ignored += n,
-                        _ => {}
-                    }
-                }
-            }
-        }
+    step(&format!(
+        "cargo test (unit tests, and integration tests against a real kube-apiserver {newest} + etcd)"
+    ));
+    let mut args = vec!["--workspace".to_string()];
+    args.extend(extra.iter().cloned());
+    let (ok, mut counts) = cargo_test(&args, &bin)?;
+    // The apiserver suites once more on the oldest version the README claims (the whole list: `cargo xtask matrix`).
+    let mut old_ok = true;
+    if ok && oldest != newest && extra.is_empty() {
+        step(&format!(
+            "Building kube-apiserver and kubectl {oldest}, the oldest Kubernetes of hack/versions.env"
+        ));
+        let old_bin = tools::build_version(Some(oldest), &[])?;
+        step(&format!(
+            "The apiserver suites on {oldest}: {}",
+            APISERVER_SUITES.join(", ")
+        ));
+        let (passed, old) = cargo_test(&suite_args(), &old_bin)?;
+        eprintln!("    {oldest}: {} passed, {} failed", old.passed, old.failed);
+        old_ok = passed;
+        counts.add(&old);
     }
-    let status = child.wait()?;
     // The end-to-end proof on a real node (hack/e2e.sh): one more test, run when the tests passed and as root.
-    let e2e = if !status.success() {
+    let e2e = if !ok || !old_ok {
         None
     // SAFETY: geteuid(2) only reads this process's credentials.
     } else if unsafe { libc::geteuid() } != 0 {
         eprintln!("e2e: skipped (needs root: it runs a kubelet, containerd and CNI on this machine)");
-        ignored += 1;
+        counts.ignored += 1;
         None
     } else {
         let ok = e2e().is_ok();
         if ok {
-            passed += 1;
+            counts.passed += 1;
         } else {
-            failed += 1;
+            counts.failed += 1;
         }
         Some(ok)
     };
-    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("cargo test failed ({status})");
+    println!(
+        "\ntests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
+    if !ok {
+        bail!("cargo test failed on {newest}");
+    }
+    if !old_ok {
+        bail!("the apiserver suites failed on {oldest}");
     }
     if e2e == Some(false) {
         bail!("the end-to-end test on a real node failed (hack/e2e.sh)");
     }
     Ok(())
+}
+
+/// The integration test binaries that run against the apiserver and differ by Kubernetes version: the API (CRD
+/// schema and CEL), the webhook, the controller, the chart, the agent's reports, and the node-bound writes.
+const APISERVER_SUITES: [&str; 6] = ["api", "webhook", "controller", "chart", "agent", "node_trust"];
+
+fn suite_args() -> Vec<String> {
+    APISERVER_SUITES
+        .iter()
+        .flat_map(|t| ["--test".to_string(), t.to_string()])
+        .collect()
+}
+
+/// Test results added up over `cargo test` runs.
+#[derive(Default)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+
+    /// Adds a libtest summary line ("test result: ok. 5 passed; 0 failed; 1 ignored; ...").
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// `cargo test ARGS` against the binaries in `bin`, its output echoed; whether it passed, and the counts.
+fn cargo_test(args: &[String], bin: &std::path::Path) -> Result<(bool, Counts)> {
+    let mut child = cargo()
+        .arg("test")
+        .args(args)
+        .env("KEEPALIVE_BIN_DIR", bin)
+        .current_dir(tools::repo_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut counts = Counts::default();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap())) {
+        let line = line?;
+        println!("{line}");
+        counts.add_line(&line);
+    }
+    Ok((child.wait()?.success(), counts))
+}
+
+/// One version's row of the README table.
+struct MatrixRow {
+    version: String,
+    ok: bool,
+    counts: Counts,
+    seconds: u64,
+    date: String,
+}
+
+const TABLE_BEGIN: &str = "<!-- kube-versions:begin (written by `cargo xtask matrix`) -->";
+const TABLE_END: &str = "<!-- kube-versions:end -->";
+
+/// `cargo xtask matrix [VERSION...]`: the apiserver suites on every Kubernetes version of `hack/versions.env` (or
+/// the ones named), each against its own kube-apiserver and kubectl; the README's table gets one row per version
+/// run (rows of versions not run are kept, rows of versions no longer listed are dropped).
+fn matrix(only: &[String]) -> Result<()> {
+    let versions = tools::kube_versions()?;
+    if let Some(unknown) = only.iter().find(|v| !versions.contains(v)) {
+        bail!(
+            "{unknown} is not in KUBE_VERSIONS of hack/versions.env ({})",
+            versions.join(" ")
+        );
+    }
+    let chosen: Vec<&String> = versions
+        .iter()
+        .filter(|v| only.is_empty() || only.contains(v))
+        .collect();
+    step("Building the test binaries once (cargo test --no-run)");
+    run(cargo().args(["test", "--no-run"]).args(suite_args()))?;
+    let mut rows = Vec::new();
+    for (i, version) in chosen.iter().enumerate() {
+        step(&format!(
+            "[{}/{}] Kubernetes {version}: building kube-apiserver and kubectl (cached after the first run)",
+            i + 1,
+            chosen.len()
+        ));
+        let start = std::time::Instant::now();
+        let bin = tools::build_version(Some(version), &[])?;
+        step(&format!(
+            "[{}/{}] Kubernetes {version}: {}",
+            i + 1,
+            chosen.len(),
+            APISERVER_SUITES.join(", ")
+        ));
+        let tests_start = std::time::Instant::now();
+        let (ok, counts) = cargo_test(&suite_args(), &bin)?;
+        let seconds = tests_start.elapsed().as_secs();
+        eprintln!(
+            "    {version}: {} ({} passed, {} failed) in {seconds} s (+ {} s building)",
+            if ok { "passed" } else { "FAILED" },
+            counts.passed,
+            counts.failed,
+            (tests_start - start).as_secs()
+        );
+        rows.push(MatrixRow {
+            version: version.to_string(),
+            ok,
+            counts,
+            seconds,
+            date: today()?,
+        });
+    }
+    let readme = tools::repo_root().join("README.md");
+    let text = std::fs::read_to_string(&readme)?;
+    let updated = write_table(&text, &versions, &rows)?;
+    std::fs::write(&readme, updated)?;
+    step("README.md: the Kubernetes versions table");
+    for row in &rows {
+        println!("{}", table_row(row));
+    }
+    let failed: Vec<&str> = rows.iter().filter(|r| !r.ok).map(|r| r.version.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("the apiserver suites failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn today() -> Result<String> {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d"]).output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn table_row(row: &MatrixRow) -> String {
+    format!(
+        "| {} | {} | {} | {} | {} s | {} |",
+        row.version,
+        if row.ok { "passed" } else { "**failed**" },
+        row.counts.passed,
+        row.counts.failed,
+        row.seconds,
+        row.date
+    )
+}
+
+/// The README with the rows of `rows` put into the table between the markers, ordered as `versions`.
+fn write_table(readme: &str, versions: &[String], rows: &[MatrixRow]) -> Result<String> {
+    let (Some(begin), Some(end)) = (readme.find(TABLE_BEGIN), readme.find(TABLE_END)) else {
+        bail!("README.md lacks the markers {TABLE_BEGIN} and {TABLE_END}");
+    };
+    let old = &readme[begin + TABLE_BEGIN.len()..end];
+    let mut lines = vec![
+        String::new(),
+        "| Kubernetes | apiserver suites | tests passed | failed | time | date |".to_string(),
+        "|---|---|---|---|---|---|".to_string(),
+    ];
+    for version in versions {
+        let new = rows.iter().find(|r| &r.version == version).map(table_row);
+        let kept = old
+            .lines()
+            .find(|l| l.starts_with(&format!("| {version} |")))
+            .map(str::to_string);
+        lines.extend(new.or(kept));
+    }
+    lines.push(String::new());
+    Ok(format!(
+        "{}{}{}",
+        &readme[..begin + TABLE_BEGIN.len()],
+        lines.join("\n"),
+        &readme[end..]
+    ))
 }
 
 /// The generated-review fuzz test (tests/fuzz_review.rs) with `cases` cases, in release mode.
@@ -516,4 +709,58 @@ fn hold_until_interrupted(cp: &ControlPlane) -> Result<()> {
         .block_on(tokio::signal::ctrl_c())?;
     eprintln!("stopping");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(version: &str, ok: bool, passed: u64) -> MatrixRow {
+        MatrixRow {
+            version: version.to_string(),
+            ok,
+            counts: Counts {
+                passed,
+                failed: u64::from(!ok),
+                ignored: 0,
+            },
+            seconds: 7,
+            date: "2026-12-04".to_string(),
+        }
+    }
+
+    #[test]
+    fn the_table_keeps_rows_not_run_replaces_rows_run_and_drops_unlisted_versions() {
+        let readme = format!(
+            "intro\n{TABLE_BEGIN}\n| Kubernetes | x |\n|---|---|\n| v1.36.3 | passed | 9 | 0 | 5 s | 2026-12-01 |\n\
+             | v1.29.6 | passed | 9 | 0 | 5 s | 2026-12-01 |\n{TABLE_END}\noutro\n"
+        );
+        let versions = ["v1.37.2", "v1.36.3", "v1.30.14"].map(String::from);
+        let out = write_table(
+            &readme,
+            &versions,
+            &[row("v1.37.2", true, 12), row("v1.30.14", false, 11)],
+        )
+        .unwrap();
+        let table: Vec<&str> = out.lines().filter(|l| l.starts_with("| v")).collect();
+        assert_eq!(
+            table,
+            [
+                "| v1.37.2 | passed | 12 | 0 | 7 s | 2026-12-04 |",
+                "| v1.36.3 | passed | 9 | 0 | 5 s | 2026-12-01 |",
+                "| v1.30.14 | **failed** | 11 | 1 | 7 s | 2026-12-04 |",
+            ]
+        );
+        assert!(out.starts_with("intro\n") && out.ends_with(&format!("{TABLE_END}\noutro\n")));
+        assert!(write_table("no markers", &versions, &[]).is_err());
+    }
+
+    #[test]
+    fn libtest_summaries_add_up() {
+        let mut counts = Counts::default();
+        counts.add_line("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.2s");
+        counts.add_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        counts.add_line("running 5 tests");
+        assert_eq!((counts.passed, counts.failed, counts.ignored), (8, 2, 1));
+    }
 }
