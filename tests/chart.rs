@@ -314,17 +314,35 @@ fn options_render_as_documented() {
         NS
     );
 
-    // Kubernetes 1.29 has no appArmorProfile field: the annotation instead. Nor ValidatingAdmissionPolicy v1
-    // or node names in tokens: no policy (NOTES warn).
-    let objects = template("1.29.0", &[]);
-    assert!(objects.iter().all(|o| o["kind"] != "ValidatingAdmissionPolicy"));
+    // 1.30 is the oldest Kubernetes the chart installs on (node names in tokens, ValidatingAdmissionPolicy v1):
+    // helm refuses 1.29, naming the constraint; 1.30 gets the policy and the appArmorProfile field.
+    let err = run_helm(&[
+        "template",
+        RELEASE,
+        chart_dir().to_str().unwrap(),
+        "--namespace",
+        NS,
+        "--kube-version",
+        "1.29.0",
+    ])
+    .expect_err("the chart on Kubernetes 1.29");
+    assert!(err.contains(">=1.30.0-0") && err.contains("1.29.0"), "{err}");
+    let objects = template("1.30.0", &[]);
+    assert!(
+        find(
+            &objects,
+            "ValidatingAdmissionPolicy",
+            "ka-keepalive-operator-agent-node-bound"
+        )
+        .is_some()
+    );
     let agent = find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap();
     let template_ = &agent["spec"]["template"];
-    assert!(template_["spec"]["containers"][0]["securityContext"]["appArmorProfile"].is_null());
     assert_eq!(
-        template_["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/agent"],
-        "unconfined"
+        template_["spec"]["containers"][0]["securityContext"]["appArmorProfile"]["type"],
+        "Unconfined"
     );
+    assert!(template_["metadata"]["annotations"].is_null());
 
     // cert-manager: a Certificate (and a self-signed Issuer), the CA injected from it, the operator reading the
     // mounted Secret, and no access to Secrets or to the webhook configuration.
