@@ -22,7 +22,10 @@
 #    while the operator is scaled to 0 is created and reported NotMutated once the operator is back; a static pod
 #    (a manifest in the kubelet's staticPodPath) reported by its config hash and counted live-verified; pods
 #    created in a loop through a `kubectl rollout restart` of the operator's 2 replicas: none rejected, none
-#    without its sysctls (the replicas drain on SIGTERM);
+#    without its sysctls (the replicas drain on SIGTERM); the node's kubelet is the newest version of
+#    hack/versions.env (1.37) with the DefaultPodSysctls gate on: restarted with defaultPodSysctls 240/30/4, pods of
+#    a namespace with an Audit policy of those values get them from the kubelet alone (nothing in their spec) and
+#    count conformant and live-verified, not NotMutated; a pod-spec value still wins over the node default;
 # 5. a PASS/FAIL summary, and hack/node.sh down (unless --keep).
 set -euo pipefail
 
@@ -81,6 +84,11 @@ NS=e2e-keepalive
 PLAIN_NS=e2e-plain
 REL_NS=keepalive-system
 NODE_NAME="$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')"
+read -r NEWEST_KUBE _ < <("$here/tools.sh" versions)
+kubelet_version="$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.nodeInfo.kubeletVersion}')"
+[[ $kubelet_version == "${KUBE_VERSION:-$NEWEST_KUBE}" ]] \
+  && pass "node runs kubelet $kubelet_version (the newest of hack/versions.env)" \
+  || fail "node runs kubelet '$kubelet_version', want ${KUBE_VERSION:-$NEWEST_KUBE}"
 # The agent's own namespace (the chart's default: the release namespace + "-agent"), Pod Security "privileged".
 AGENT_NS=keepalive-system-agent
 
@@ -526,6 +534,78 @@ fi
 kubectl delete namespace "$RNS" --wait=false >/dev/null
 kubectl delete keepalivepolicy e2e-rollout >/dev/null
 rm -rf "$rollout_dir"
+
+# --- the kubelet's defaultPodSysctls (Kubernetes 1.37, KEP-5996) ------------------------------------------------------
+stage="kubelet defaultPodSysctls"
+DNS=e2e-node-defaults
+t=$SECONDS
+if grep -qx '  DefaultPodSysctls: true' "$state/kubelet/config.yaml" &&
+  "$here/node.sh" pod-sysctl-defaults net.ipv4.tcp_keepalive_time=240 net.ipv4.tcp_keepalive_intvl=30 \
+    net.ipv4.tcp_keepalive_probes=4; then
+  pass "kubelet restarted with the DefaultPodSysctls gate and defaultPodSysctls 240/30/4 ($((SECONDS - t)) s)"
+else fail "kubelet with DefaultPodSysctls and defaultPodSysctls 240/30/4"; fi
+# An Audit policy whose values the node already gives every pod; pods there carry nothing in their spec.
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $DNS
+  labels: {e2e: node-defaults}
+---
+apiVersion: keepalive.dev/v1alpha1
+kind: KeepalivePolicy
+metadata:
+  name: e2e-node-defaults
+spec:
+  mode: Audit
+  namespaceSelector: {matchLabels: {e2e: node-defaults}}
+  keepalive: {time: 240, interval: 30, probes: 4}
+EOF
+nd_pod() { # nd_pod NAMESPACE NAME [SYSCTL=VALUE]: a workload server pod, with one sysctl of its own if given
+  local sysctls=""
+  [[ -n ${3:-} ]] && sysctls="  securityContext: {sysctls: [{name: ${3%%=*}, value: \"${3#*=}\"}]}"
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $2, namespace: $1}
+spec:
+$sysctls
+  containers:
+    - {name: server, image: $WORKLOAD_IMAGE, imagePullPolicy: Never, args: [server, --listen, ":7002"]}
+EOF
+}
+nd_pod "$DNS" nd-0
+nd_pod "$DNS" nd-1
+nd_pod "$PLAIN_NS" nd-own net.ipv4.tcp_keepalive_time=45
+kubectl wait -n "$DNS" pod/nd-0 pod/nd-1 --for=condition=Ready --timeout=60s >/dev/null || true
+kubectl wait -n "$PLAIN_NS" pod/nd-own --for=condition=Ready --timeout=60s >/dev/null || true
+kernel_values() { in_pod "$1" "$2" sh -c 'echo $(cat /proc/sys/net/ipv4/tcp_keepalive_time /proc/sys/net/ipv4/tcp_keepalive_intvl /proc/sys/net/ipv4/tcp_keepalive_probes)'; }
+for p in nd-0 nd-1; do
+  s="$(spec_sysctls "$DNS" "$p")"
+  k="$(kernel_values "$DNS" "$p" || true)"
+  [[ -z $s && $k == "240 30 4" ]] \
+    && pass "pod $DNS/$p: no sysctls in its spec (Audit), kernel holds $k from the kubelet's defaultPodSysctls" \
+    || fail "pod $DNS/$p: spec '$s', kernel '$k' (want none, 240 30 4)"
+done
+k="$(kernel_values "$PLAIN_NS" nd-own || true)"
+[[ $(spec_sysctls "$PLAIN_NS" nd-own) == "net.ipv4.tcp_keepalive_time=45 " && $k == "45 30 4" ]] \
+  && pass "pod-spec value wins over the node default: nd-own (time 45 in its spec) holds $k" \
+  || fail "pod-spec value over the node default: nd-own holds '$k', want '45 30 4'"
+nd_status() { kubectl get kap e2e-node-defaults -o jsonpath='{.status.matchedPods} {.status.conformantPods} {.status.liveVerifiedPods}|{.status.violations[*].reason}'; }
+deadline=$((SECONDS + 90))
+until [[ $(nd_status 2>/dev/null) == "2 2 2|" ]]; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+kubectl get kap e2e-node-defaults
+kubectl get kap e2e-node-defaults -o jsonpath='{range .status.violations[*]}  violation: {.namespace}/{.name} {.reason}: {.message}{"\n"}{end}'
+nd="$(nd_status)"
+[[ $nd == "2 2 2|" ]] \
+  && pass "Audit policy over kubelet defaults: matched 2, conformant 2, live-verified 2, no NotMutated" \
+  || fail "Audit policy over kubelet defaults: matched conformant live|violations = '$nd', want '2 2 2|'"
+kubectl delete namespace "$DNS" --wait=false >/dev/null
+kubectl delete pod -n "$PLAIN_NS" nd-own --wait=false >/dev/null
+kubectl delete keepalivepolicy e2e-node-defaults >/dev/null
 
 stage="done"
 say "e2e took $((SECONDS - t_start)) s"

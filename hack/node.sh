@@ -10,6 +10,8 @@
 #   hack/node.sh env      print `export KUBECONFIG=...` (admin) and the tool PATH
 #   hack/node.sh images   build the pause and workload images (OCI archives; cached); prints their directory
 #   hack/node.sh import ARCHIVE NAME   import an OCI archive into the node's containerd under NAME
+#   hack/node.sh pod-sysctl-defaults [NAME=VALUE...]   the kubelet's defaultPodSysctls (none when no argument):
+#                                      rewrites its config and restarts it (new pod sandboxes get them)
 #   hack/node.sh leftovers             what `down` should have removed (empty output: clean)
 #   hack/node.sh purge                 down, and remove the state dir too (certificates, logs, configs)
 #
@@ -21,8 +23,12 @@
 # endpoints (--enable-aggregator-routing), and pods reach the apiserver at the `kubernetes` Service's ClusterIP
 # through one DNAT rule in the chain KEEPALIVE-NODE. There is no cluster DNS.
 #
+# The node runs the newest Kubernetes of hack/versions.env (KUBE_VERSION picks another listed one); from 1.37 on
+# with the kubelet's DefaultPodSysctls feature gate on (KEP-5996, alpha), so `pod-sysctl-defaults` can give every
+# new pod sysctls that its spec does not name (a value in the pod spec still wins).
+#
 # Environment: KEEPALIVE_NODE_DIR (state, default /var/lib/keepalive-node), KEEPALIVE_NODE_RUN (default
-# /run/keepalive-node), KEEPALIVE_CACHE (as hack/tools.sh).
+# /run/keepalive-node), KEEPALIVE_CACHE (as hack/tools.sh), KUBE_VERSION (as hack/tools.sh).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -54,6 +60,12 @@ say() { printf '[node %s] %s\n' "$(date -u +%T)" "$*" >&2; }
 die() { printf '[node] error: %s\n' "$*" >&2; exit 1; }
 
 bin() { echo "$("$here/tools.sh" path)"; }
+# The node's Kubernetes minor: KUBE_VERSION, else the newest of hack/versions.env.
+node_minor() {
+  local v="${KUBE_VERSION:-}" rest
+  [[ -n $v ]] || read -r v rest < <("$here/tools.sh" versions)
+  v="${v#v1.}"; echo "${v%%.*}"
+}
 
 kubectl_() { "$BIN/kubectl" --kubeconfig "$state/admin.kubeconfig" "$@"; }
 ctr_() { ctr --address "$run/containerd.sock" -n k8s.io "$@"; }
@@ -121,10 +133,11 @@ build_images() {
   local w="$images_dir/e2e"
   # pause: the upstream pause.c of the pinned k8s module, static.
   local moddir
-  moddir="$(cd "$here/go/kube" && go list -m -f '{{.Dir}}' k8s.io/kubernetes 2>/dev/null)" || true
+  local wrapper; wrapper="$("$here/tools.sh" moddir)"
+  moddir="$(cd "$wrapper" && go list -m -f '{{.Dir}}' k8s.io/kubernetes 2>/dev/null)" || true
   if [[ -z $moddir || ! -f $moddir/build/pause/linux/pause.c ]]; then
-    (cd "$here/go/kube" && go mod download k8s.io/kubernetes) >&2
-    moddir="$(cd "$here/go/kube" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
+    (cd "$wrapper" && go mod download k8s.io/kubernetes) >&2
+    moddir="$(cd "$wrapper" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
   fi
   local src="$moddir/build/pause/linux/pause.c"
   if [[ ! -x $w/pause || $src -nt $w/pause ]]; then
@@ -325,7 +338,7 @@ EOF
   ]
 }
 EOF
-  cat >"$state/kubelet/config.yaml" <<EOF
+  write_kubelet_config
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 0.0.0.0
@@ -382,6 +395,45 @@ setup_routing() {
   iptables -t nat -A "$CHAIN" -d "$SERVICE_IP/32" -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:$API_PORT"
   iptables -t nat -C PREROUTING -j "$CHAIN" 2>/dev/null || iptables -t nat -I PREROUTING -j "$CHAIN"
   iptables -t nat -C OUTPUT -j "$CHAIN" 2>/dev/null || iptables -t nat -I OUTPUT -j "$CHAIN"
+}
+
+# The kubelet's configuration, with the defaultPodSysctls saved by `pod-sysctl-defaults` (if any).
+write_kubelet_config() {
+  cat >"$state/kubelet/config.yaml" <<EOF
+  if (( $(node_minor) >= 37 )); then
+    printf 'featureGates:\n  DefaultPodSysctls: true\n' >>"$state/kubelet/config.yaml"
+    if [[ -s $state/kubelet/default-pod-sysctls ]]; then
+      echo "defaultPodSysctls:" >>"$state/kubelet/config.yaml"
+      local line
+      while IFS= read -r line; do
+        printf '  %s: "%s"\n' "${line%%=*}" "${line#*=}" >>"$state/kubelet/config.yaml"
+      done <"$state/kubelet/default-pod-sysctls"
+    fi
+  fi
+}
+
+start_kubelet() {
+  start kubelet "$BIN/kubelet" \
+    --config="$state/kubelet/config.yaml" --kubeconfig="$state/kubelet.kubeconfig" \
+    --root-dir="$state/kubelet" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
+    --cert-dir="$state/kubelet/pki" --v=1
+}
+
+# pod-sysctl-defaults NAME=VALUE...: the kubelet restarted with these defaultPodSysctls (none: without)
+pod_sysctl_defaults() {
+  (( $(node_minor) >= 37 )) || die "defaultPodSysctls needs a 1.37 kubelet (this node: 1.$(node_minor))"
+  [[ -f $run/pids/kubelet ]] || die "the node is not up (hack/node.sh up)"
+  local kv
+  for kv in "$@"; do
+    [[ $kv =~ ^[a-z0-9_.]+=[0-9A-Za-z_.-]+$ ]] || die "not NAME=VALUE: '$kv'"
+  done
+  printf '%s\n' "$@" | sed '/^$/d' >"$state/kubelet/default-pod-sysctls"
+  BIN="$(bin)"; NODE_IP="$(cat "$pki/node-ip")"
+  write_kubelet_config
+  stop kubelet
+  start_kubelet
+  wait_for "node $NODE_NAME" 120 kubectl_ wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
+  say "kubelet restarted with defaultPodSysctls: ${*:-(none)}"
 }
 
 up() {
@@ -448,10 +500,7 @@ up() {
   import_image "$imgdir/pause.oci.tar" "$PAUSE_IMAGE"
   import_image "$imgdir/workload.oci.tar" "$WORKLOAD_IMAGE"
 
-  start kubelet "$BIN/kubelet" \
-    --config="$state/kubelet/config.yaml" --kubeconfig="$state/kubelet.kubeconfig" \
-    --root-dir="$state/kubelet" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
-    --cert-dir="$state/kubelet/pki" --v=1
+  start_kubelet
   say "waiting for the node to be Ready"
   wait_for "node $NODE_NAME" 180 kubectl_ wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
   # The ServiceAccount admission needs the default ServiceAccount, which the controller-manager creates.
@@ -615,11 +664,12 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   leftovers) leftovers ;;
+  pod-sysctl-defaults) shift; pod_sysctl_defaults "$@" ;;
   purge) down; rm -rf "$state"; say "removed $state" ;;
   images) ensure_packages; build_images ;;
   import) # import ARCHIVE NAME: an OCI archive into the node's containerd, under NAME
     [[ $# -eq 3 ]] || die "usage: hack/node.sh import ARCHIVE NAME"
     import_image "$2" "$3" ;;
   env) echo "export KUBECONFIG=$state/admin.kubeconfig PATH=$(bin):\$PATH" ;;
-  *) die "usage: hack/node.sh up|down|status|env|images|import ARCHIVE NAME|leftovers|purge" ;;
+  *) die "usage: hack/node.sh up|down|status|env|images|import ARCHIVE NAME|pod-sysctl-defaults [NAME=VALUE...]|leftovers|purge" ;;
 esac
