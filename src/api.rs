@@ -284,7 +284,7 @@ pub struct Violation {
     pub namespace: String,
     pub name: String,
     /// A CamelCase reason such as NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
-    /// LiveMismatch or Unverified.
+    /// KubeletTooOld, LiveMismatch or Unverified.
     pub reason: String,
     #[schemars(length(max = 1024))]
     pub message: String,

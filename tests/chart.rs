@@ -383,6 +383,17 @@ fn options_render_as_documented() {
             .all(|r| !r.contains("mutatingwebhookconfigurations")),
         "{cluster_role:?}"
     );
+    // Nodes (UIDs for node reports, kubelet versions): watched, nothing more.
+    let on_nodes: Vec<&str> = cluster_role
+        .iter()
+        .map(String::as_str)
+        .filter(|r| {
+            r.split(' ')
+                .nth(1)
+                .is_some_and(|r| r == "nodes" || r.starts_with("nodes/"))
+        })
+        .collect();
+    assert_eq!(on_nodes, ["core nodes list", "core nodes watch"], "{cluster_role:?}");
     // An existing issuer instead.
     let objects = template(
         "1.35.0",

@@ -535,3 +535,178 @@ async fn node_reports_follow_their_nodes_and_join_pods_by_uid() {
     .await;
     classes.delete("nb-kata", &DeleteParams::default()).await.unwrap();
 }
+
+/// Version skew: an apiserver of 1.29 or newer may run older kubelets, which reject the keepalive sysctls. A pod
+/// bound to such a node is `KubeletTooOld`, its message naming the node and its kubelet version, while a pod on a
+/// newer kubelet is judged as always; once the old node's kubelet is upgraded, its pod is judged again.
+#[tokio::test]
+async fn pods_on_a_kubelet_older_than_1_29_are_kubelet_too_old_until_it_is_upgraded() {
+    use k8s_openapi::api::core::v1::Node;
+
+    let cp = control_plane();
+    let client = cp.client().await.unwrap();
+    ensure_namespace(&client, "keepalive-system").await;
+    let op = operator(cp, "skew", &[]);
+    let nodes: Api<Node> = Api::all(client.clone());
+    // As the kubelet would, through the status subresource (as admin here: no kubelet runs).
+    let set_kubelet = |name: &'static str, version: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            let patch = json!({"status": {"nodeInfo": {"kubeletVersion": version}}});
+            let node = nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+            let info = node.status.and_then(|s| s.node_info).expect("nodeInfo");
+            assert_eq!(info.kubelet_version, version);
+        }
+    };
+    for (name, version) in [("skew-old", "v1.28.9-eks-4f4795d"), ("skew-new", "v1.37.1")] {
+        node_object(cp, name);
+        set_kubelet(name, version).await;
+    }
+    namespace_with_policy(&client, "skew", (45, 5, 3)).await;
+    let bound = |node: &str| {
+        json!({"spec": {"nodeName": node, "securityContext": {"sysctls": [
+            {"name": "net.ipv4.tcp_keepalive_time", "value": "45"},
+            {"name": "net.ipv4.tcp_keepalive_intvl", "value": "5"},
+            {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"}]}}})
+    };
+    create_pod(&client, "skew", "on-old", bound("skew-old")).await.unwrap();
+    create_pod(&client, "skew", "on-new", bound("skew-new")).await.unwrap();
+
+    let s = status_where(&client, "skew", "the pod on the old kubelet KubeletTooOld", |s| {
+        counts(s) == (2, 1) && s.violation_counts.get("KubeletTooOld") == Some(&1)
+    })
+    .await;
+    assert_eq!(s.violation_counts.len(), 1, "{:?}", s.violation_counts);
+    assert_eq!(s.violations.len(), 1, "{:?}", s.violations);
+    let v = &s.violations[0];
+    assert_eq!((v.name.as_str(), v.reason.as_str()), ("on-old", "KubeletTooOld"));
+    for part in [
+        "node skew-old runs kubelet v1.28.9-eks-4f4795d",
+        "SysctlForbidden",
+        "--allowed-unsafe-sysctls",
+        "--kubelet-allows-keepalive-sysctls",
+    ] {
+        assert!(v.message.contains(part), "{part} in {}", v.message);
+    }
+    assert_eq!(condition(&s, "Conformant").status, "False");
+    assert!(
+        condition(&s, "Conformant").message.contains("1 KubeletTooOld"),
+        "{:?}",
+        condition(&s, "Conformant")
+    );
+    assert_eq!(condition(&s, "Ready").status, "True", "the apiserver is new enough");
+    let metric = |n: u32| format!("keepalive_policy_pods{{policy=\"skew\",state=\"KubeletTooOld\"}} {n}");
+    eventually(Duration::from_secs(10), "the KubeletTooOld metric", || async {
+        op.metrics().lines().any(|l| l == metric(1)).then_some(())
+    })
+    .await;
+
+    // A patch release of the old kubelet is still too old: the message names the new version.
+    set_kubelet("skew-old", "v1.28.15").await;
+    status_where(&client, "skew", "the new patch version named", |s| {
+        s.violations
+            .iter()
+            .any(|v| v.name == "on-old" && v.message.contains("kubelet v1.28.15"))
+    })
+    .await;
+
+    // Upgraded: the pod is judged by its spec again, and conforms.
+    set_kubelet("skew-old", "v1.29.0").await;
+    let s = status_where(&client, "skew", "no pod KubeletTooOld after the upgrade", |s| {
+        counts(s) == (2, 2)
+    })
+    .await;
+    assert!(s.violation_counts.is_empty(), "{:?}", s.violation_counts);
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    eventually(
+        Duration::from_secs(10),
+        "the KubeletTooOld metric back to 0",
+        || async { op.metrics().lines().any(|l| l == metric(0)).then_some(()) },
+    )
+    .await;
+    for name in ["skew-old", "skew-new"] {
+        nodes.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+}
+
+/// An operator whose role predates reading Nodes judges pods by the apiserver's version, as before (a pod on an
+/// old kubelet is not `KubeletTooOld`), still writes status, and logs why. Its own control plane: on the shared
+/// one, this operator's statuses would contradict those of the other tests' operators.
+#[tokio::test]
+async fn without_the_right_to_read_nodes_pods_are_judged_by_the_apiserver_version() {
+    use k8s_openapi::api::core::v1::Node;
+
+    let cp = xtask::ControlPlane::start().unwrap();
+    cp.install_crds().unwrap();
+    let client = cp.client().await.unwrap();
+    namespace(&client, "keepalive-system", &[]).await;
+    // Everything the operator uses, but nothing on nodes.
+    kubectl_apply(
+        &cp,
+        &json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "old-role", "namespace": "keepalive-system"}}),
+    );
+    kubectl_apply(
+        &cp,
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": {"name": "old-role"},
+                "rules": [{"apiGroups": ["", "keepalive.dev", "node.k8s.io", "events.k8s.io", "coordination.k8s.io"],
+                           "resources": ["pods", "namespaces", "keepalivepolicies", "keepalivepolicies/status",
+                                         "keepalivenodereports", "runtimeclasses", "events", "leases"],
+                           "verbs": ["*"]}]}),
+    );
+    kubectl_apply(
+        &cp,
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": {"name": "old-role"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "old-role"},
+                "subjects": [{"kind": "ServiceAccount", "name": "old-role", "namespace": "keepalive-system"}]}),
+    );
+    assert!(!can_i(&cp, "keepalive-system", "old-role", &["list", "nodes"]));
+    assert!(can_i(
+        &cp,
+        "keepalive-system",
+        "old-role",
+        &["list", "pods", "--all-namespaces"]
+    ));
+
+    node_object(&cp, "old-role-node");
+    let patch = json!({"status": {"nodeInfo": {"kubeletVersion": "v1.28.9"}}});
+    Api::<Node>::all(client.clone())
+        .patch_status("old-role-node", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    namespace_with_policy(&client, "old-role", (45, 5, 3)).await;
+    let bound = json!({"spec": {"nodeName": "old-role-node", "securityContext": {"sysctls": [
+        {"name": "net.ipv4.tcp_keepalive_time", "value": "45"},
+        {"name": "net.ipv4.tcp_keepalive_intvl", "value": "5"},
+        {"name": "net.ipv4.tcp_keepalive_probes", "value": "3"}]}}});
+    create_pod(&client, "old-role", "on-old", bound).await.unwrap();
+
+    let dir = cp.work_dir().join("old-role");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_ca, cert, key) = write_serving_cert(&dir);
+    let kubeconfig = cp.service_account_kubeconfig("keepalive-system", "old-role").unwrap();
+    let args = [
+        "--lease-name=old-role".to_string(),
+        "--namespace=keepalive-system".to_string(),
+        format!("--tls-cert-file={}", cert.display()),
+        format!("--tls-key-file={}", key.display()),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut op = Operator::start_with_kubeconfig(&cp, "old-role", &args, &kubeconfig);
+    let s = status_where(&client, "old-role", "the pod judged by its spec", |s| {
+        counts(s) == (1, 1)
+    })
+    .await;
+    assert!(s.violation_counts.is_empty(), "{:?}", s.violation_counts);
+    assert!(
+        op.logs().contains("cannot list Nodes"),
+        "the operator says why:\n{}",
+        op.logs()
+    );
+    op.stop();
+}

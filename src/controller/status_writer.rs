@@ -2,7 +2,8 @@
 //! watches and the shared caches, and (on the leader only) writes each changed policy status by server-side
 //! apply — only when the report changed, at most once per [`MIN_WRITE_INTERVAL`] per policy — with an Event on
 //! every condition transition. It also binds node reports to their Nodes ([`NodeReports`]): stamps each with
-//! an ownerReference to its Node and deletes reports whose Node is gone or was re-created.
+//! an ownerReference to its Node and deletes reports whose Node is gone or was re-created. From the same Node
+//! watch it tells [`Conformance`] which nodes run a kubelet that rejects the keepalive sysctls.
 
 use std::{
     collections::HashMap,
@@ -21,7 +22,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -148,11 +149,8 @@ impl StatusWriter {
         .default_backoff();
         let mut reports = std::pin::pin!(reports);
         let mut report_relist = Relist::default();
-        let nodes = watcher(
-            Api::<PartialObjectMeta<Node>>::all(self.client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff();
+        // Whole Nodes (their kubelet version is in the status), each reduced at once to a `NodeEntry`.
+        let nodes = watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default()).default_backoff();
         let mut nodes = std::pin::pin!(nodes);
         let mut node_relist = Relist::default();
         let classes = watcher(
@@ -198,14 +196,19 @@ impl StatusWriter {
                 },
                 event = nodes.next() => match event {
                     Some(Ok(event)) => {
-                        let mut index = Nodes { reports: &mut self.reports, touched: &mut touched };
+                        let mut index = Nodes {
+                            reports: &mut self.reports,
+                            conformance: &mut self.state,
+                            touched: &mut touched,
+                        };
                         node_relist.handle(&mut index, event);
                         self.sync_reports(&mut touched, leading).await;
                     }
                     Some(Err(e)) => {
                         if !node_relist.synced() && !self.reports.nodes_synced() && is_absent_or_forbidden(&e) {
-                            tracing::warn!(error = %e, "cannot list Nodes: node reports are trusted by name, and \
-                                reports of deleted nodes are not removed");
+                            tracing::warn!(error = %e, "cannot list Nodes: node reports are trusted by name, \
+                                reports of deleted nodes are not removed, and pods are judged by the apiserver's \
+                                version rather than their node's kubelet version");
                             self.reports.set_nodes_unreadable();
                             touched.extend(self.reports.names());
                             self.sync_reports(&mut touched, leading).await;
@@ -252,7 +255,10 @@ impl StatusWriter {
                     self.state.expire_node_reports(Timestamp::now());
                     let leader = leading.is_leading_now();
                     let reports_synced = report_relist.synced() || self.reports_unreadable;
-                    if leader && pod_relist.synced() && reports_synced && crate::webhook::Lookup::ready(&*self.caches) {
+                    // Nodes listed (or unreadable): a pod on an old kubelet is not first reported as something else.
+                    let nodes_synced = self.reports.nodes_synced();
+                    let caches_ready = crate::webhook::Lookup::ready(&*self.caches);
+                    if leader && pod_relist.synced() && reports_synced && nodes_synced && caches_ready {
                         self.write_statuses(leading).await;
                     }
                 }
@@ -505,30 +511,59 @@ impl Index<KeepaliveNodeReport> for Reports<'_> {
     }
 }
 
-/// The Node watch (metadata only: names and UIDs) into [`NodeReports`], noting whose reports to look at again.
+/// What is kept of a Node: its name, its UID, and its kubelet's version only when that kubelet rejects the
+/// keepalive sysctls (cut to [`MAX_KUBELET_VERSION_CHARS`]: the Node's status is the node's to write).
+#[derive(Debug)]
+struct NodeEntry {
+    name: String,
+    uid: String,
+    old_kubelet: Option<String>,
+}
+
+/// A kubelet version longer than this is cut (real ones are like "v1.28.15-eks-1a2b3c4").
+const MAX_KUBELET_VERSION_CHARS: usize = 64;
+
+/// The Node watch into [`NodeReports`] (names and UIDs) and [`Conformance`] (old kubelets), noting whose reports
+/// to look at again.
 struct Nodes<'a> {
     reports: &'a mut NodeReports,
+    conformance: &'a mut Conformance,
     touched: &'a mut Vec<String>,
 }
 
-impl Index<PartialObjectMeta<Node>> for Nodes<'_> {
-    type Entry = (String, String);
+impl Index<Node> for Nodes<'_> {
+    type Entry = NodeEntry;
 
-    fn entry(&mut self, node: PartialObjectMeta<Node>) -> Option<Self::Entry> {
-        Some((node.metadata.name?, node.metadata.uid?))
+    fn entry(&mut self, node: Node) -> Option<Self::Entry> {
+        let version = node.status.and_then(|s| s.node_info).map(|i| i.kubelet_version);
+        Some(NodeEntry {
+            name: node.metadata.name?,
+            uid: node.metadata.uid?,
+            old_kubelet: version
+                .filter(|v| crate::policy::kubelet_rejects_keepalive_sysctls(v))
+                .map(|v| conformance::truncated(v, MAX_KUBELET_VERSION_CHARS)),
+        })
     }
-    fn apply(&mut self, (name, uid): Self::Entry) {
-        self.touched.push(name.clone());
-        self.reports.set_node(name, uid);
+    fn apply(&mut self, node: Self::Entry) {
+        self.conformance.set_kubelet(&node.name, node.old_kubelet.as_deref());
+        self.touched.push(node.name.clone());
+        self.reports.set_node(node.name, node.uid);
     }
-    fn delete(&mut self, node: PartialObjectMeta<Node>) {
+    fn delete(&mut self, node: Node) {
         if let Some(name) = node.metadata.name {
+            self.conformance.set_kubelet(&name, None);
             self.reports.remove_node(&name);
             self.touched.push(name);
         }
     }
     fn reset(&mut self, nodes: Vec<Self::Entry>) {
-        self.reports.replace_nodes(nodes);
+        self.conformance.replace_kubelets(
+            nodes
+                .iter()
+                .filter_map(|n| Some((n.name.as_str(), n.old_kubelet.as_deref()?))),
+        );
+        self.reports
+            .replace_nodes(nodes.into_iter().map(|n| (n.name, n.uid)).collect());
         // Every report, also those of nodes that were never listed.
         self.touched.extend(self.reports.names());
     }

@@ -56,6 +56,9 @@ impl KeepaliveSettings {
 pub struct ClusterFacts {
     /// Kubelets accept the keepalive sysctls: the cluster is 1.29 or newer, or the operator was told so.
     pub keepalive_sysctls_safe: bool,
+    /// The operator was told the kubelets allow the keepalive sysctls (`--kubelet-allows-keepalive-sysctls`):
+    /// no node's kubelet version is judged.
+    pub kubelets_allow_keepalive_sysctls: bool,
 }
 
 impl ClusterFacts {
@@ -68,6 +71,7 @@ impl ClusterFacts {
         };
         ClusterFacts {
             keepalive_sysctls_safe: safe || assume_safe,
+            kubelets_allow_keepalive_sysctls: assume_safe,
         }
     }
 }
@@ -76,8 +80,38 @@ impl Default for ClusterFacts {
     fn default() -> Self {
         ClusterFacts {
             keepalive_sysctls_safe: true,
+            kubelets_allow_keepalive_sysctls: false,
         }
     }
+}
+
+/// The minor of a 1.x kubelet version as a Node reports it in `status.nodeInfo.kubeletVersion` ("v1.28.9",
+/// "v1.28.9-eks-4f4795d", "v1.30.2+k3s1", "v1.28"); `None` for anything else (empty, another major, garbage):
+/// an unknown kubelet is not judged.
+pub fn kubelet_minor(version: &str) -> Option<u32> {
+    let rest = version.trim().strip_prefix('v').unwrap_or(version.trim());
+    let (major, rest) = rest.split_once('.')?;
+    let end = rest.find(['.', '-', '+']).unwrap_or(rest.len());
+    let minor = &rest[..end];
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) || major.parse::<u32>().ok()? != 1 {
+        return None;
+    }
+    minor.parse().ok()
+}
+
+/// A kubelet of this version rejects pods with the keepalive sysctls (`SysctlForbidden`) unless it runs with
+/// `--allowed-unsafe-sysctls` listing them: it is a known 1.x older than 1.29.
+pub fn kubelet_rejects_keepalive_sysctls(version: &str) -> bool {
+    kubelet_minor(version).is_some_and(|minor| minor < FIRST_SAFE_MINOR)
+}
+
+/// The node a pod is bound to and its kubelet's version, when the caller knows them (the conformance controller
+/// watches Nodes; the webhook and `apply` do not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kubelet<'a> {
+    pub node: &'a str,
+    pub version: &'a str,
 }
 
 /// The parts of a pod (or pod template) the decision reads.
@@ -87,6 +121,8 @@ pub struct PodFacts<'a> {
     pub host_network: bool,
     pub windows: bool,
     pub sysctls: &'a [Sysctl],
+    /// The kubelet of the pod's node, if known.
+    pub kubelet: Option<Kubelet<'a>>,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -114,7 +150,13 @@ impl<'a> PodFacts<'a> {
             host_network: host_network.unwrap_or(false),
             windows: os_name == Some("windows"),
             sysctls: sysctls.unwrap_or(&[]),
+            kubelet: None,
         }
+    }
+
+    /// The same pod, bound to a node whose kubelet version is known.
+    pub fn on(self, kubelet: Option<Kubelet<'a>>) -> Self {
+        PodFacts { kubelet, ..self }
     }
 }
 
@@ -127,6 +169,11 @@ pub enum Skip {
     HostNetwork,
     Unsupported,
     ClusterTooOld,
+    /// The pod's node runs a kubelet older than 1.29: with the node's name and the kubelet's version.
+    KubeletTooOld {
+        node: String,
+        version: String,
+    },
     /// With the namespace's enforced level and the version it is pinned to.
     PodSecurityBlocks {
         level: String,
@@ -144,6 +191,7 @@ impl Skip {
             Skip::HostNetwork => Reason::HostNetwork,
             Skip::Unsupported => Reason::Unsupported,
             Skip::ClusterTooOld => Reason::ClusterTooOld,
+            Skip::KubeletTooOld { .. } => Reason::KubeletTooOld,
             Skip::PodSecurityBlocks { .. } => Reason::PodSecurityBlocks,
         }
     }
@@ -166,6 +214,13 @@ impl fmt::Display for Skip {
                 f,
                 "cluster older than 1.{FIRST_SAFE_MINOR}: kubelet would reject the keepalive sysctls (SysctlForbidden); \
                  start the operator with --kubelet-allows-keepalive-sysctls if the kubelets allow them"
+            ),
+            Skip::KubeletTooOld { node, version } => write!(
+                f,
+                "node {node} runs kubelet {version}, older than 1.{FIRST_SAFE_MINOR}: it rejects pods with the \
+                 keepalive sysctls (SysctlForbidden), so the pod never runs with the policy's values there; upgrade \
+                 the node to 1.{FIRST_SAFE_MINOR} or newer, or allow them with the kubelet's \
+                 --allowed-unsafe-sysctls and start the operator with --kubelet-allows-keepalive-sysctls"
             ),
             Skip::PodSecurityBlocks { level, version } => write!(
                 f,
@@ -255,7 +310,9 @@ fn same_value(value: &str, wanted: i32) -> bool {
 /// The one decision: which policy applies to the pod, and the resulting change or why nothing changes.
 ///
 /// Order: opt-outs (namespace, pod label), then the winning policy (selectors, priority, name), then what would
-/// make the pod rejected (hostNetwork, windows, Pod Security version, cluster version), then the mode.
+/// make the pod rejected (hostNetwork, windows, Pod Security version, the kubelet of its node, cluster version),
+/// then the mode. A pod bound to a node whose kubelet rejects the keepalive sysctls is judged by that kubelet,
+/// not by the apiserver's version.
 pub fn decide<'p>(
     policies: &'p PolicySet,
     namespace_labels: &BTreeMap<String, String>,
@@ -284,6 +341,13 @@ pub fn decide<'p>(
     }
     if let Some(block) = pod_security_block(namespace_labels) {
         return skipped(policy, block);
+    }
+    if let Some(kubelet) = pod.kubelet
+        && !cluster.kubelets_allow_keepalive_sysctls
+        && kubelet_rejects_keepalive_sysctls(kubelet.version)
+    {
+        let (node, version) = (kubelet.node.to_string(), kubelet.version.to_string());
+        return skipped(policy, Skip::KubeletTooOld { node, version });
     }
     if !cluster.keepalive_sysctls_safe {
         return skipped(policy, Skip::ClusterTooOld);
@@ -322,7 +386,7 @@ pub fn decide<'p>(
 pub enum Verdict {
     Conformant,
     /// Not conformant: the reason (NotMutated, PodOverride, HostNetwork, Unsupported, ClusterTooOld,
-    /// PodSecurityBlocks) and a message for the status.
+    /// KubeletTooOld, PodSecurityBlocks) and a message for the status.
     Violation {
         reason: Reason,
         message: String,

@@ -18,6 +18,8 @@ pub enum Reason {
     Unsupported,
     /// The cluster is older than 1.29.
     ClusterTooOld,
+    /// The pod's node runs a kubelet older than 1.29, which rejects the keepalive sysctls.
+    KubeletTooOld,
     /// The namespace pins a Pod Security level to a version that rejects the keepalive sysctls.
     PodSecurityBlocks,
     /// Fill mode kept the pod's own, different values.
@@ -33,13 +35,14 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::NoPolicy,
         Reason::NamespaceIgnored,
         Reason::PodIgnored,
         Reason::HostNetwork,
         Reason::Unsupported,
         Reason::ClusterTooOld,
+        Reason::KubeletTooOld,
         Reason::PodSecurityBlocks,
         Reason::PodOverride,
         Reason::NotMutated,
@@ -62,6 +65,7 @@ impl Reason {
             Reason::HostNetwork => "HostNetwork",
             Reason::Unsupported => "Unsupported",
             Reason::ClusterTooOld => "ClusterTooOld",
+            Reason::KubeletTooOld => "KubeletTooOld",
             Reason::PodSecurityBlocks => "PodSecurityBlocks",
             Reason::PodOverride => "PodOverride",
             Reason::NotMutated => "NotMutated",

@@ -334,6 +334,136 @@ fn cluster_older_than_1_29_injects_nothing_unless_told_kubelets_allow_it() {
 }
 
 #[test]
+fn kubelet_versions_parse_to_their_minor_and_odd_ones_to_none() {
+    let table: &[(&str, Option<u32>)] = &[
+        ("v1.28.9", Some(28)),
+        ("v1.29.0", Some(29)),
+        ("v1.37.1", Some(37)),
+        ("v1.28.9-eks-4f4795d", Some(28)),
+        ("v1.30.2+k3s1", Some(30)),
+        ("v1.27.16-gke.1287000", Some(27)),
+        ("v1.29.0-alpha.1", Some(29)),
+        ("v1.28", Some(28)),
+        ("1.28.3", Some(28)),
+        (" v1.26.0 ", Some(26)),
+        ("v1.28-rc.0", Some(28)),
+        ("", None),
+        ("v", None),
+        ("v1", None),
+        ("v1.", None),
+        ("v1..3", None),
+        ("v1.x.3", None),
+        ("v1.28abc", None),
+        ("v1.-28", None),
+        ("v2.0.0", None),
+        ("v0.28.0", None),
+        ("V1.28.0", None),
+        ("vv1.28.0", None),
+        ("v1.99999999999.0", None),
+        ("kubelet v1.28.0", None),
+        ("v١.٢٨.0", None),
+    ];
+    for (version, minor) in table {
+        assert_eq!(kubelet_minor(version), *minor, "{version:?}");
+    }
+    assert!(kubelet_rejects_keepalive_sysctls("v1.28.15-eks-1a2b"));
+    assert!(kubelet_rejects_keepalive_sysctls("v1.0.0"));
+    assert!(!kubelet_rejects_keepalive_sysctls("v1.29.0"));
+    assert!(!kubelet_rejects_keepalive_sysctls("v1.37.0"));
+    assert!(
+        !kubelet_rejects_keepalive_sysctls("garbage"),
+        "an unknown kubelet is not judged too old"
+    );
+    assert!(!kubelet_rejects_keepalive_sysctls(""));
+}
+
+#[test]
+fn pod_on_a_kubelet_older_than_1_29_is_skipped_unless_told_kubelets_allow_it() {
+    let ps = set(vec![policy("a", json!({}))]);
+    let p = plain_pod();
+    let facts = PodFacts::new(&p.metadata, p.spec.as_ref());
+    let on = |version| {
+        facts.on(Some(Kubelet {
+            node: "node-7",
+            version,
+        }))
+    };
+    let new = ClusterFacts::from_version("1", "35", false);
+    let too_old = Outcome::Skipped(Skip::KubeletTooOld {
+        node: "node-7".into(),
+        version: "v1.28.9-eks-abc".into(),
+    });
+    let d = decide(&ps, &BTreeMap::new(), &on("v1.28.9-eks-abc"), new);
+    assert_eq!(d.outcome, too_old);
+    assert_eq!(
+        d.policy.unwrap().name,
+        "a",
+        "the policy still owns the pod, for reporting"
+    );
+    let message = Skip::KubeletTooOld {
+        node: "node-7".into(),
+        version: "v1.28.9-eks-abc".into(),
+    }
+    .to_string();
+    for part in [
+        "node-7",
+        "v1.28.9-eks-abc",
+        "SysctlForbidden",
+        "--allowed-unsafe-sysctls",
+    ] {
+        assert!(message.contains(part), "{part} in {message}");
+    }
+    // A newer or unknown kubelet, or no node: judged as before.
+    for facts in [on("v1.29.0"), on("v1.37.2"), on(""), on("weird"), facts] {
+        assert!(matches!(
+            decide(&ps, &BTreeMap::new(), &facts, new).outcome,
+            Outcome::Mutate(_)
+        ));
+    }
+    // Told the kubelets allow the sysctls: not judged by version.
+    let told = ClusterFacts::from_version("1", "35", true);
+    assert!(matches!(
+        decide(&ps, &BTreeMap::new(), &on("v1.28.9"), told).outcome,
+        Outcome::Mutate(_)
+    ));
+    // On an old apiserver the pod's own kubelet is the more telling reason.
+    let old = ClusterFacts::from_version("1", "28", false);
+    assert_eq!(
+        decide(&ps, &BTreeMap::new(), &on("v1.28.9-eks-abc"), old).outcome,
+        too_old
+    );
+    // What makes the pod rejected before it reaches a kubelet, or gets it no sysctls, comes first.
+    let hn = pod(json!({"metadata": {}, "spec": {"containers": [], "hostNetwork": true}}));
+    let hn_facts = PodFacts::new(&hn.metadata, hn.spec.as_ref()).on(Some(Kubelet {
+        node: "node-7",
+        version: "v1.28.9",
+    }));
+    assert_eq!(
+        decide(&ps, &BTreeMap::new(), &hn_facts, new).outcome,
+        Outcome::Skipped(Skip::HostNetwork)
+    );
+    let pinned = labels(&[
+        ("pod-security.kubernetes.io/enforce", "baseline"),
+        ("pod-security.kubernetes.io/enforce-version", "v1.28"),
+    ]);
+    assert!(matches!(
+        decide(&ps, &pinned, &on("v1.28.9"), new).outcome,
+        Outcome::Skipped(Skip::PodSecurityBlocks { .. })
+    ));
+    // Opted out or not selected: no verdict at all.
+    let ignored = labels(&[(IGNORE_LABEL, "true")]);
+    assert_eq!(
+        decide(&ps, &ignored, &on("v1.28.9"), new).outcome,
+        Outcome::Skipped(Skip::NamespaceIgnored)
+    );
+    let none = set(vec![]);
+    assert_eq!(
+        decide(&none, &BTreeMap::new(), &on("v1.28.9"), new).outcome,
+        Outcome::Skipped(Skip::NoPolicy)
+    );
+}
+
+#[test]
 fn pod_security_pinned_before_1_29_is_skipped() {
     let ps = set(vec![policy("a", json!({}))]);
     let ns = [

@@ -11,6 +11,10 @@
 //! by the node's own values. A report is fresh for three heartbeats after this replica *received* it (the node's
 //! clock is not trusted). Pods of sandboxed runtimes (a RuntimeClass whose handler is not runc-like) cannot be
 //! read from the host: they are `Unverified`, whatever their node reports.
+//!
+//! A pod bound to a node whose kubelet is older than 1.29 is `KubeletTooOld` (that kubelet rejects the keepalive
+//! sysctls), whatever the apiserver's version and whatever the node's agent reads: it never runs with the values
+//! the operator injects there.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -35,7 +39,7 @@ use crate::{
         ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_VIOLATION_MESSAGE_CHARS,
         MAX_VIOLATIONS, Violation,
     },
-    policy::{self, ClusterFacts, PolicyEntry, PolicySet, Reason, Verdict},
+    policy::{self, ClusterFacts, Kubelet, PolicyEntry, PolicySet, Reason, Verdict},
     runtime::watch::Index,
 };
 
@@ -178,6 +182,8 @@ pub struct Conformance {
     by_node: HashMap<Arc<str>, HashSet<PodKey>>,
     /// Node reports (trusted ones only: the status writer checks they belong to the current Node).
     nodes: HashMap<Arc<str>, NodeState>,
+    /// Node → kubelet version, of the nodes whose kubelet rejects the keepalive sysctls (only those).
+    old_kubelets: HashMap<Arc<str>, Arc<str>>,
     /// RuntimeClass name → handler, and the handlers whose pods the agent can read.
     runtime_classes: HashMap<String, String>,
     runc_like: HashSet<String>,
@@ -283,7 +289,11 @@ impl Conformance {
             return None;
         }
         let labels = self.namespaces.get(&*pod.namespace).unwrap_or(&NO_LABELS);
-        let facts = pod.facts();
+        let kubelet = pod.node.as_deref().and_then(|node| {
+            let version = self.old_kubelets.get(node)?;
+            Some(Kubelet { node, version })
+        });
+        let facts = pod.facts().on(kubelet);
         let decision = policy::decide(&self.policies, labels, &facts, self.cluster);
         let (entry, verdict) = policy::assess(&decision, &facts)?;
         let mut judgement = Judgement {
@@ -292,6 +302,15 @@ impl Conformance {
             verified: false,
             connections: None,
         };
+        if let Verdict::Violation {
+            reason: Reason::KubeletTooOld,
+            ..
+        } = judgement.verdict
+        {
+            // The kubelet rejects a pod carrying the sysctls: whatever the agent reads, the policy's values do not
+            // reach pods on this node.
+            return Some(judgement);
+        }
         let Some((node_name, state)) = pod
             .node
             .as_ref()
@@ -573,6 +592,52 @@ impl Conformance {
             .collect();
         for name in flipped {
             self.recompute_node(&name);
+        }
+    }
+
+    /// A node's kubelet version, `None` when unknown or the node is gone. Only the kubelets that reject the
+    /// keepalive sysctls are held; when that (or the version) changes, the node's pods are judged again.
+    pub fn set_kubelet(&mut self, node: &str, version: Option<&str>) {
+        let old = version.filter(|v| policy::kubelet_rejects_keepalive_sysctls(v));
+        if self.old_kubelets.get(node).map(|v| &**v) == old {
+            return;
+        }
+        let node = self.interner.str(node);
+        match old {
+            Some(version) => {
+                let version = self.interner.str(version);
+                self.old_kubelets.insert(node.clone(), version);
+            }
+            None => {
+                self.old_kubelets.remove(&node);
+            }
+        }
+        self.recompute_node(&node);
+    }
+
+    /// Replaces every node's kubelet version (a Node watch relist): the pods of nodes whose entry changed are
+    /// judged again, once.
+    pub fn replace_kubelets<'a>(&mut self, kubelets: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let mut before = std::mem::take(&mut self.old_kubelets);
+        let mut touched = Vec::new();
+        for (node, version) in kubelets {
+            if !policy::kubelet_rejects_keepalive_sysctls(version) {
+                continue;
+            }
+            let node = self.interner.str(node);
+            let version = match before.remove(&node) {
+                Some(held) if &*held == version => held,
+                _ => {
+                    touched.push(node.clone());
+                    self.interner.str(version)
+                }
+            };
+            self.old_kubelets.insert(node, version);
+        }
+        // Nodes gone, or whose kubelet no longer rejects the sysctls.
+        touched.extend(before.into_keys());
+        for node in touched {
+            self.recompute_node(&node);
         }
     }
 

@@ -48,6 +48,7 @@ impl CachedPod {
             host_network: self.host_network,
             windows: self.windows,
             sysctls: &self.sysctls,
+            kubelet: None,
         }
     }
 

@@ -454,3 +454,109 @@ fn long_messages_are_cut_on_character_boundaries() {
     assert_eq!(cut.chars().count(), 1024);
     assert!(cut.ends_with('…'));
 }
+
+#[test]
+fn pods_on_a_kubelet_older_than_1_29_are_kubelet_too_old_until_it_is_upgraded() {
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[
+        ("all", json!({})),
+        (
+            "quiet",
+            json!({"podSelector": {"matchLabels": {"keepalive.dev/ignore": "true"}}}),
+        ),
+    ]));
+    c.upsert_pod(on_node(pod("a", "conformant", &[], Some("60")), "old", 1));
+    c.upsert_pod(on_node(pod("a", "unmutated", &[], None), "old", 2));
+    c.upsert_pod(on_node(
+        pod("a", "ignored", &[("keepalive.dev/ignore", "true")], None),
+        "old",
+        3,
+    ));
+    let mut hn = on_node(pod("a", "hostnet", &[], None), "old", 4);
+    hn.host_network = true;
+    c.upsert_pod(hn);
+    c.upsert_pod(on_node(pod("a", "elsewhere", &[], Some("60")), "new", 5));
+    c.upsert_pod(pod("a", "unbound", &[], Some("60")));
+    let before = c.summary("all").unwrap();
+    assert_eq!((before.matched, before.conformant), (5, 3));
+
+    c.set_kubelet("new", Some("v1.37.0"));
+    c.set_kubelet("old", Some("v1.28.9-eks-abc"));
+    // The agent on the old node reads the policy's values: the kubelet still rejects pods carrying them.
+    c.set_node_report(
+        "old",
+        node_live(now.as_second(), 7200, vec![(1, reading(60, 1, 1))]),
+        now,
+    );
+    let s = c.summary("all").unwrap();
+    assert_eq!(
+        (s.matched, s.conformant, s.live_verified),
+        (5, 2, 0),
+        "elsewhere and unbound"
+    );
+    assert_eq!(
+        s.by_reason,
+        [(Reason::HostNetwork, 1), (Reason::KubeletTooOld, 2)].into()
+    );
+    let too_old: Vec<&Violation> = s.violations.iter().filter(|v| v.reason == "KubeletTooOld").collect();
+    assert_eq!(
+        too_old.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["conformant", "unmutated"]
+    );
+    for v in &too_old {
+        assert!(
+            v.message.contains("node old runs kubelet v1.28.9-eks-abc"),
+            "{}",
+            v.message
+        );
+    }
+    assert_eq!(c.summary("quiet").unwrap().matched, 0, "opted-out pods are no one's");
+    let st = status(&s, Some(1), ClusterFacts::default(), None, &Time(now));
+    assert_eq!(st.violation_counts.get("KubeletTooOld"), Some(&2));
+    assert_eq!(st.conditions[1].status, "False");
+    assert!(
+        st.conditions[1].message.contains("2 KubeletTooOld"),
+        "{}",
+        st.conditions[1].message
+    );
+    assert_consistent(&mut c);
+
+    // A patch release of the old kubelet: still too old, the message follows.
+    c.set_kubelet("old", Some("v1.28.10"));
+    let s = c.summary("all").unwrap();
+    assert!(
+        s.violations.iter().any(|v| v.message.contains("kubelet v1.28.10")),
+        "{s:?}"
+    );
+    // Upgraded: judged by spec and the live reading again.
+    c.set_kubelet("old", Some("v1.29.0"));
+    let s = c.summary("all").unwrap();
+    assert_eq!(s.by_reason.get(&Reason::KubeletTooOld), None);
+    assert_eq!(s.live_verified, 1, "the live reading counts again");
+    assert_eq!(s.by_reason.get(&Reason::LiveMismatch).copied().unwrap_or(0), 0);
+    assert_consistent(&mut c);
+
+    // A relist: the node is old again, then gone.
+    c.replace_kubelets([("old", "v1.27.3"), ("new", "v1.37.0")]);
+    assert_eq!(
+        c.summary("all").unwrap().by_reason.get(&Reason::KubeletTooOld),
+        Some(&2)
+    );
+    c.replace_kubelets([("new", "v1.37.0")]);
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&Reason::KubeletTooOld), None);
+    c.set_kubelet("old", Some("v1.26.0"));
+    c.set_kubelet("old", None);
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&Reason::KubeletTooOld), None);
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn told_that_kubelets_allow_the_sysctls_no_pod_is_kubelet_too_old() {
+    let mut c = Conformance::new(ClusterFacts::from_version("1", "35", true));
+    c.set_policies(policies(&[("all", json!({}))]));
+    c.set_kubelet("old", Some("v1.28.0"));
+    c.upsert_pod(on_node(pod("a", "p", &[], Some("60")), "old", 1));
+    let s = c.summary("all").unwrap();
+    assert_eq!((s.matched, s.conformant), (1, 1));
+}
