@@ -339,6 +339,31 @@ EOF
 }
 EOF
   write_kubelet_config
+}
+
+save_host_state() {
+  [[ -f $state/host-sysctls ]] && return
+  local k
+  # The nftables tables that exist before us (iptables-nft creates ip nat/filter/mangle on first use).
+  if command -v nft >/dev/null; then nft list tables 2>/dev/null >"$state/host-nft-tables" || true; fi
+  for k in $KUBELET_SYSCTLS net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables; do
+    printf '%s=%s\n' "$k" "$(sysctl -n "$k" 2>/dev/null || echo '')"
+  done >"$state/host-sysctls"
+}
+
+setup_routing() {
+  # Pods reach the apiserver at the kubernetes Service's ClusterIP:443 (what in-cluster clients read from
+  # KUBERNETES_SERVICE_HOST/PORT).
+  iptables -t nat -N "$CHAIN" 2>/dev/null || true
+  iptables -t nat -F "$CHAIN"
+  iptables -t nat -A "$CHAIN" -d "$SERVICE_IP/32" -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:$API_PORT"
+  iptables -t nat -C PREROUTING -j "$CHAIN" 2>/dev/null || iptables -t nat -I PREROUTING -j "$CHAIN"
+  iptables -t nat -C OUTPUT -j "$CHAIN" 2>/dev/null || iptables -t nat -I OUTPUT -j "$CHAIN"
+}
+
+# The kubelet's configuration, with the defaultPodSysctls saved by `pod-sysctl-defaults` (if any).
+write_kubelet_config() {
+  cat >"$state/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 0.0.0.0
@@ -375,31 +400,6 @@ rotateCertificates: false
 serverTLSBootstrap: false
 shutdownGracePeriod: 0s
 EOF
-}
-
-save_host_state() {
-  [[ -f $state/host-sysctls ]] && return
-  local k
-  # The nftables tables that exist before us (iptables-nft creates ip nat/filter/mangle on first use).
-  if command -v nft >/dev/null; then nft list tables 2>/dev/null >"$state/host-nft-tables" || true; fi
-  for k in $KUBELET_SYSCTLS net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables; do
-    printf '%s=%s\n' "$k" "$(sysctl -n "$k" 2>/dev/null || echo '')"
-  done >"$state/host-sysctls"
-}
-
-setup_routing() {
-  # Pods reach the apiserver at the kubernetes Service's ClusterIP:443 (what in-cluster clients read from
-  # KUBERNETES_SERVICE_HOST/PORT).
-  iptables -t nat -N "$CHAIN" 2>/dev/null || true
-  iptables -t nat -F "$CHAIN"
-  iptables -t nat -A "$CHAIN" -d "$SERVICE_IP/32" -p tcp --dport 443 -j DNAT --to-destination "$NODE_IP:$API_PORT"
-  iptables -t nat -C PREROUTING -j "$CHAIN" 2>/dev/null || iptables -t nat -I PREROUTING -j "$CHAIN"
-  iptables -t nat -C OUTPUT -j "$CHAIN" 2>/dev/null || iptables -t nat -I OUTPUT -j "$CHAIN"
-}
-
-# The kubelet's configuration, with the defaultPodSysctls saved by `pod-sysctl-defaults` (if any).
-write_kubelet_config() {
-  cat >"$state/kubelet/config.yaml" <<EOF
   if (( $(node_minor) >= 37 )); then
     printf 'featureGates:\n  DefaultPodSysctls: true\n' >>"$state/kubelet/config.yaml"
     if [[ -s $state/kubelet/default-pod-sysctls ]]; then
