@@ -478,6 +478,9 @@ up() {
     --allow-privileged=true --profiling=false --v=1
   wait_for kube-apiserver 90 "$BIN/kubectl" --kubeconfig "$state/admin.kubeconfig" get --raw /readyz
 
+  # No cloud: its controllers off where the controller-manager still has them (1.37 removed them).
+  local controllers='*,-nodeipam'
+  (( $(node_minor) >= 37 )) || controllers+=',-cloud-node-lifecycle,-service-lb-controller,-node-route-controller'
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig="$state/controller-manager.kubeconfig" \
     --authentication-kubeconfig="$state/controller-manager.kubeconfig" \
@@ -486,7 +489,7 @@ up() {
     --use-service-account-credentials=true \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --service-cluster-ip-range="$SERVICE_CIDR" --cluster-name=keepalive-node \
-    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller' \
+    --controllers="$controllers" \
     --profiling=false --v=1
   start kube-scheduler "$BIN/kube-scheduler" \
     --kubeconfig="$state/scheduler.kubeconfig" \
