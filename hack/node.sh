@@ -432,6 +432,8 @@ pod_sysctl_defaults() {
   write_kubelet_config
   stop kubelet
   start_kubelet
+  # The new kubelet serving (its healthz), then the node Ready: pods created from now on get the new defaults.
+  wait_for "kubelet healthz" 60 curl -sf "http://127.0.0.1:$KUBELET_HEALTHZ_PORT/healthz"
   wait_for "node $NODE_NAME" 120 kubectl_ wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
   say "kubelet restarted with defaultPodSysctls: ${*:-(none)}"
 }
