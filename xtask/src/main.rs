@@ -525,7 +525,7 @@ fn demo(hold: bool) -> Result<()> {
                 "kanr",
                 DEMO_NODE,
                 "-o",
-                "jsonpath={range .spec.pods[*]}{.namespace}/{.name}: time={.sysctls.time} intvl={.sysctls.interval} \
+                "jsonpath={range .spec.pods[*]}pod {.uid}: time={.sysctls.time} intvl={.sysctls.interval} \
                  probes={.sysctls.probes} established={.established} keepalive={.keepalive} {.error}{\"\\n\"}{end}",
             ])?
         );
