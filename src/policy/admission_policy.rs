@@ -25,7 +25,10 @@
 //!   number equal to it, as [`decide`](super::decide) parses it ([`OWN_VALUE_IS_NUMBER`]).
 //! - **The patch**: a JSON Patch writes `spec.securityContext.sysctls` whole (other sysctls kept in place, the
 //!   missing keepalive ones appended in [`KEEPALIVE_SYSCTLS`] order) and the `keepalive.dev/policy` annotation.
-//!   A pod that already has its values gets no patch, so reinvocation changes nothing.
+//!   A pod that already has its values gets no patch, so reinvocation changes nothing. Patch values are plain CEL
+//!   maps and lists, never `Object.…{}` constructors: a list of constructed objects as a JSON Patch value panics
+//!   the request handler of a 1.36.3 apiserver (cel-go 0.26 converts each element to a `structpb.Struct` where a
+//!   `structpb.Value` is expected), and the pod's own sysctls rebuilt as maps marshal on 1.36 and 1.37 alike.
 //!
 //! # Limits
 //!
@@ -320,19 +323,18 @@ fn build(chunks: &[String], options: &CompileOptions) -> Value {
         ),
         variable(
             "sysctls",
-            "variables.own.map(s, [s.name, s.name in variables.stale ? variables.want[s.name] : s.value]) + \
-             variables.missing.map(n, [n, variables.want[n]])",
+            "variables.own.map(s, {\"name\": s.name, \"value\": s.name in variables.stale ? variables.want[s.name] : s.value}) + \
+             variables.missing.map(n, {\"name\": n, \"value\": variables.want[n]})",
         ),
     ]);
     let patch = format!(
         "!variables.mutate ? [] : [\
          has(object.spec.securityContext) \
-         ? JSONPatch{{op: \"add\", path: \"/spec/securityContext/sysctls\", value: {list}}} \
-         : JSONPatch{{op: \"add\", path: \"/spec/securityContext\", value: Object.spec.securityContext{{sysctls: {list}}}}}, \
+         ? JSONPatch{{op: \"add\", path: \"/spec/securityContext/sysctls\", value: variables.sysctls}} \
+         : JSONPatch{{op: \"add\", path: \"/spec/securityContext\", value: {{\"sysctls\": variables.sysctls}}}}, \
          has(object.metadata.annotations) \
          ? JSONPatch{{op: \"add\", path: \"/metadata/annotations/\" + jsonpatch.escapeKey({annotation}), value: variables.hit[0]}} \
          : JSONPatch{{op: \"add\", path: \"/metadata/annotations\", value: {{{annotation}: variables.hit[0]}}}}]",
-        list = "variables.sysctls.map(s, Object.spec.securityContext.sysctls{name: s[0], value: s[1]})",
         annotation = cel_str(POLICY_ANNOTATION),
     );
     json!({

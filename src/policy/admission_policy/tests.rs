@@ -312,3 +312,13 @@ fn a_set_too_large_for_one_object_is_cut_where_it_stops_fitting() {
         assert!(expression.chars().count() <= MAX_EXPRESSION_CODE_POINTS);
     }
 }
+
+#[test]
+fn patch_values_are_plain_maps_never_object_constructors() {
+    // A list of `Object.…{}` values panics the request handler of a 1.36.3 apiserver.
+    let set = PolicySet::new([policy("p", json!({}))]);
+    let compiled = compile(&set, &CompileOptions::default()).unwrap();
+    for (name, expression) in expressions(&compiled) {
+        assert!(!expression.contains("Object."), "{name}: {expression}");
+    }
+}
