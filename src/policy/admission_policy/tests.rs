@@ -318,7 +318,8 @@ fn patch_values_are_plain_maps_never_object_constructors() {
     // A list of `Object.…{}` values panics the request handler of a 1.36.3 apiserver.
     let set = PolicySet::new([policy("p", json!({}))]);
     let compiled = compile(&set, &CompileOptions::default()).unwrap();
+    let constructor = Regex::new(r"(^|[^A-Za-z])Object\.").unwrap();
     for (name, expression) in expressions(&compiled) {
-        assert!(!expression.contains("Object."), "{name}: {expression}");
+        assert!(!constructor.is_match(&expression), "{name}: {expression}");
     }
 }
