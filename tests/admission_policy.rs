@@ -116,6 +116,32 @@ fn expected(set: &PolicySet, namespace_labels: &BTreeMap<String, String>, pod: &
     (Ok((sysctls(&patched), policy_annotation(&patched))), kind)
 }
 
+/// What the webhook answers for the same pod (its real, pure `answer`, on an AdmissionReview of the pod), applied
+/// to the pod.
+fn webhook(set: &PolicySet, namespace: &str, namespace_labels: &BTreeMap<String, String>, pod: &Value) -> Outcome {
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "object": pod,
+        },
+    });
+    let request = keepalive_operator::webhook::parse(&serde_json::to_vec(&review).unwrap()).unwrap();
+    let reviewed = request.object.as_ref().unwrap();
+    let (_, response) =
+        keepalive_operator::webhook::answer(&request, reviewed, set, namespace_labels, ClusterFacts::default());
+    let mut patched = pod.clone();
+    if let Some(patch) = response.json_patch() {
+        json_patch::patch(&mut patched, &patch).unwrap();
+    }
+    let patched: Pod = serde_json::from_value(patched).unwrap();
+    Ok((sysctls(&patched), policy_annotation(&patched)))
+}
+
 /// Waits until the apiserver runs the newest compiled set: the probe policy of that set (highest priority,
 /// selecting only the probe pod) annotates the probe pod.
 async fn wait_loaded(client: &Client, namespace: &str, probe: &str) -> Duration {
@@ -422,7 +448,7 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
     .await;
     let mut rng = Rng(0x6b65_6570_616c_6976);
     let started = Instant::now();
-    let (mut cases, mut differences) = (0, Vec::new());
+    let (mut cases, mut differences, mut webhook_differences) = (0, Vec::new(), Vec::new());
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     let mut load_times = Vec::new();
     for s in 0..SETS {
@@ -463,6 +489,10 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
             cases += 1;
             let (want, kind) = expected(&set, &namespaces[n].1, &pod);
             *tally.entry(kind.clone()).or_default() += 1;
+            let hook = webhook(&set, &namespaces[n].0, &namespaces[n].1, &pod);
+            if hook != want {
+                webhook_differences.push(report(&set, &namespaces[n].1, &pod, &want, &hook));
+            }
             if want != got {
                 differences.push(report(&set, &namespaces[n].1, &pod, &want, &got));
             } else if let (true, Ok((sysctls, Some(annotation)))) = (kind.starts_with("Mutate"), &got) {
@@ -478,6 +508,10 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
             cases += 1;
             let (want, kind) = expected(&set, &namespaces[n].1, &pod);
             *tally.entry(format!("again: {kind}")).or_default() += 1;
+            let hook = webhook(&set, &namespaces[n].0, &namespaces[n].1, &pod);
+            if hook != want {
+                webhook_differences.push(report(&set, &namespaces[n].1, &pod, &want, &hook));
+            }
             if want != got {
                 differences.push(report(&set, &namespaces[n].1, &pod, &want, &got));
             }
@@ -485,9 +519,11 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
     }
     let elapsed = started.elapsed();
     eprintln!(
-        "{cases} cases ({SETS} policy sets, {} namespaces; {tally:?}): {} differences in {:.1} s",
+        "{cases} cases ({SETS} policy sets, {} namespaces; {tally:?}): {} differences with decide \
+         ({} between decide and the webhook) in {:.1} s",
         SETS * NAMESPACES_PER_SET,
         differences.len(),
+        webhook_differences.len(),
         elapsed.as_secs_f64()
     );
     load_times.sort();
@@ -499,6 +535,10 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
     for d in differences.iter().take(5) {
         eprintln!("---\n{d}");
     }
+    assert!(
+        webhook_differences.is_empty(),
+        "the webhook differs from decide: {webhook_differences:#?}"
+    );
     assert!(cases >= 2000);
     assert!(differences.is_empty(), "{} of {cases} cases differ", differences.len());
 }
