@@ -167,8 +167,12 @@ impl fmt::Display for CompileError {
                 write!(f, ": {name}: {why}")?;
             }
         }
-        let names: Vec<&str> = self.not_compiled.iter().map(|(n, _)| n.as_str()).collect();
-        write!(f, " (not compiled: {})", names.join(", "))
+        let names: Vec<&str> = self.not_compiled.iter().take(10).map(|(n, _)| n.as_str()).collect();
+        write!(f, " (not compiled: {}", names.join(", "))?;
+        match self.not_compiled.len().saturating_sub(names.len()) {
+            0 => write!(f, ")"),
+            more => write!(f, " and {more} more)"),
+        }
     }
 }
 

@@ -303,6 +303,18 @@ fn a_set_too_large_for_one_object_is_cut_where_it_stops_fitting() {
     assert!(matches!(err.not_compiled[0].1, Limit::ObjectTooLarge { bytes } if bytes > MAX_OBJECT_BYTES));
     assert_eq!(err.not_compiled[0].0, format!("p{fitting:03}"));
     assert_eq!(err.not_compiled.len(), 400 - fitting);
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "{} of 400 KeepalivePolicies cannot be compiled",
+            400 - fitting
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!("and {} more)", 400 - fitting - 10)),
+        "{message}"
+    );
     let bytes = serde_json::to_vec(&err.partial.policy).unwrap().len();
     assert!(
         bytes <= MAX_OBJECT_BYTES && bytes > MAX_OBJECT_BYTES - 10_000,
