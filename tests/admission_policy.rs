@@ -689,3 +689,83 @@ async fn unusual_label_text_is_quoted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Namespace labels are read at admission time (`namespaceObject`): relabelling a namespace changes which policy
+/// its pods get, with no recompile and no new apply.
+#[tokio::test]
+async fn namespace_relabel_takes_effect_without_recompile() {
+    let client = control_plane().client().await.unwrap();
+    if !served(&client).await {
+        return;
+    }
+    let scope = "relabel";
+    let options = CompileOptions {
+        name: "keepalive-relabel".into(),
+        failure_policy: FailurePolicy::Fail,
+        ..Default::default()
+    };
+    let set = PolicySet::new([entry(
+        "prod-only",
+        json!({
+            "keepalive": {"time": 250, "interval": 25, "probes": 5},
+            "namespaceSelector": {"matchLabels": {"env": "prod"}},
+        }),
+    )]);
+    let compiled = admission_policy::compile(&set, &options).unwrap();
+    let ns = "ap-relabel";
+    create_namespace(&client, ns, &BTreeMap::from([(SCOPE.to_string(), scope.to_string())])).await;
+    apply(&client, &compiled, scope).await;
+    let pod = json!({
+        "metadata": { "name": "p" },
+        "spec": { "containers": [{ "name": "app", "image": "registry.invalid/app:1" }] },
+    });
+    // Loaded: a pod of a namespace labelled env=prod at creation is mutated.
+    let loaded_ns = "ap-relabel-prod";
+    create_namespace(
+        &client,
+        loaded_ns,
+        &BTreeMap::from([
+            (SCOPE.to_string(), scope.to_string()),
+            ("env".to_string(), "prod".to_string()),
+        ]),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(dry_run(&client, loaded_ns, &pod).await, Ok((_, Some(_)))) {
+        assert!(
+            Instant::now() < deadline,
+            "the admission policy was not loaded after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dry_run(&client, ns, &pod).await, Ok((Vec::new(), None)));
+    let started = Instant::now();
+    let patch = json!({"metadata": {"labels": {"env": "prod"}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(ns, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let want = Ok((
+        vec![
+            (KEEPALIVE[0].to_string(), "250".to_string()),
+            (KEEPALIVE[1].to_string(), "25".to_string()),
+            (KEEPALIVE[2].to_string(), "5".to_string()),
+        ],
+        Some("prod-only".to_string()),
+    ));
+    loop {
+        let got = dry_run(&client, ns, &pod).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{got:?} 30 s after relabelling"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "the relabelled namespace's pods got the policy after {:?}",
+        started.elapsed()
+    );
+}
