@@ -376,6 +376,13 @@ fn pod(rng: &mut Rng, ns: &BTreeMap<String, String>) -> Value {
                 }
                 let value = match OTHER_SYSCTLS.iter().find(|(n, _)| *n == name) {
                     Some((_, v)) => v.to_string(),
+                    None if rng.percent(60) => {
+                        // A policy's value, often written as `decide` still reads it as equal.
+                        let number = rng.pick(&["300", "60", "7200", "30", "10", "75", "3", "9", "5"]);
+                        let prefix = rng.pick(&["", "", "", " ", "+", "0", "+00", "\t"]);
+                        let suffix = rng.pick(&["", "", "", " ", "\n", "\u{a0}"]);
+                        format!("{prefix}{number}{suffix}")
+                    }
                     None => rng.pick(OWN_VALUES).to_string(),
                 };
                 own.push((name, value));
