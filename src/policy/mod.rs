@@ -4,6 +4,7 @@
 //! Everything here is pure: no I/O, no clock, no cluster access. The callers own their caches and pass in the
 //! [`PolicySet`], the namespace's labels, the pod and the [`ClusterFacts`].
 
+pub mod admission_policy;
 mod index;
 mod patch;
 mod reason;
