@@ -51,6 +51,22 @@ async fn apply(client: &Client, compiled: &AdmissionPolicy, scope: &str) {
     }
 }
 
+/// The shared control plane's client and the compile options of one test (`keepalive-<scope>`, failurePolicy
+/// Fail: an evaluation error shows as a rejected pod, never as a silently unchanged one); `None` where the
+/// apiserver does not serve MutatingAdmissionPolicy v1.
+async fn setup(scope: &str) -> Option<(Client, CompileOptions)> {
+    let client = control_plane().client().await.unwrap();
+    if !served(&client).await {
+        return None;
+    }
+    let options = CompileOptions {
+        name: format!("keepalive-{scope}"),
+        failure_policy: FailurePolicy::Fail,
+        ..Default::default()
+    };
+    Some((client, options))
+}
+
 /// Whether the apiserver serves MutatingAdmissionPolicy v1 (GA in 1.36). On older versions the tests here say so
 /// and pass: there is nothing to compile for.
 async fn served(client: &Client) -> bool {
@@ -435,17 +451,10 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
     const SETS: usize = 42;
     const NAMESPACES_PER_SET: usize = 6;
     const PODS_PER_SET: usize = 50;
-    let client = control_plane().client().await.unwrap();
-    if !served(&client).await {
+    let Some((client, options)) = setup("differential").await else {
         return;
-    }
-    let scope = "differential";
-    let options = CompileOptions {
-        name: "keepalive-differential".into(),
-        // Fail: an evaluation error shows as a rejected pod, never as a silently unchanged one.
-        failure_policy: FailurePolicy::Fail,
-        ..Default::default()
     };
+    let scope = "differential";
     let probe_ns = "ap-probe";
     create_namespace(
         &client,
@@ -555,16 +564,10 @@ async fn compiled_policy_agrees_with_decide_on_generated_cases() {
 /// last compiled policy selects and whose label every earlier policy compares with all its values.
 #[tokio::test]
 async fn largest_compilable_set_is_accepted_and_evaluates_within_cost_limits() {
-    let client = control_plane().client().await.unwrap();
-    if !served(&client).await {
+    let Some((client, options)) = setup("capacity").await else {
         return;
-    }
-    let scope = "capacity";
-    let options = CompileOptions {
-        name: "keepalive-capacity".into(),
-        failure_policy: FailurePolicy::Fail,
-        ..Default::default()
     };
+    let scope = "capacity";
     let entries = (0..3000).map(|i| {
         let values: Vec<String> = (0..20).map(|j| format!("v{i:04}-{j:02}")).collect();
         entry(
@@ -646,16 +649,10 @@ async fn largest_compilable_set_is_accepted_and_evaluates_within_cost_limits() {
 /// `decide` does.
 #[tokio::test]
 async fn unusual_label_text_is_quoted() {
-    let client = control_plane().client().await.unwrap();
-    if !served(&client).await {
+    let Some((client, options)) = setup("quoting").await else {
         return;
-    }
-    let scope = "quoting";
-    let options = CompileOptions {
-        name: "keepalive-quoting".into(),
-        failure_policy: FailurePolicy::Fail,
-        ..Default::default()
     };
+    let scope = "quoting";
     let odd = "we\"ird\\key\n\t\u{7f}é✓' ${x} \\u0041";
     let set = PolicySet::new([
         entry(
@@ -701,16 +698,10 @@ async fn unusual_label_text_is_quoted() {
 /// its pods get, with no recompile and no new apply.
 #[tokio::test]
 async fn namespace_relabel_takes_effect_without_recompile() {
-    let client = control_plane().client().await.unwrap();
-    if !served(&client).await {
+    let Some((client, options)) = setup("relabel").await else {
         return;
-    }
-    let scope = "relabel";
-    let options = CompileOptions {
-        name: "keepalive-relabel".into(),
-        failure_policy: FailurePolicy::Fail,
-        ..Default::default()
     };
+    let scope = "relabel";
     let set = PolicySet::new([entry(
         "prod-only",
         json!({

@@ -7,7 +7,8 @@ use serde_json::json;
 
 use super::*;
 
-fn policy(name: &str, spec: serde_json::Value) -> PolicyEntry {
+/// A policy entry from a spec; the keepalive values default to 300/30/3. Shared with the compiler's tests.
+pub(crate) fn policy(name: &str, spec: serde_json::Value) -> PolicyEntry {
     let mut spec = spec;
     if spec.get("keepalive").is_none() {
         spec["keepalive"] = json!({"time": 300, "interval": 30, "probes": 3});

@@ -8,19 +8,7 @@ use regex::Regex;
 use serde_json::json;
 
 use super::*;
-use crate::policy::{PolicyEntry, PolicySet, pod_security_block, same_value};
-
-fn policy(name: &str, spec: Value) -> PolicyEntry {
-    let mut spec = spec;
-    if spec.get("keepalive").is_none() {
-        spec["keepalive"] = json!({"time": 300, "interval": 30, "probes": 3});
-    }
-    PolicyEntry {
-        name: name.into(),
-        generation: Some(1),
-        spec: serde_json::from_value(spec).unwrap(),
-    }
-}
+use crate::policy::{PolicySet, pod_security_block, same_value, tests::policy};
 
 fn expressions(compiled: &AdmissionPolicy) -> Vec<(String, String)> {
     let spec = &compiled.policy["spec"];
