@@ -246,7 +246,7 @@ fn against_apiserver(n: usize) {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_keepalive-operator"));
         let (port, admin) = (xtask::cluster::free_port().unwrap(), xtask::cluster::free_port().unwrap());
         cmd.args(["controller", &format!("--listen=127.0.0.1:{port}"), &format!("--admin-listen=127.0.0.1:{admin}")])
-            .args(["--namespace=keepalive-system", "--tls-extra-sans=127.0.0.1"])
+            .args(["--namespace=keepalive-system", "--tls-extra-sans=127.0.0.1", "--injection-mode=webhook"])
             .env("KUBECONFIG", cp.kubeconfig());
         let op = xtask::cluster::spawn_logged(cmd, &cp.work_dir().join("operator.log")).unwrap();
 

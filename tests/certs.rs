@@ -540,6 +540,7 @@ async fn readyz_is_not_ok_while_the_served_certificate_is_expired() {
         format!("--tls-cert-file={}", cert.display()),
         format!("--tls-key-file={}", key.display()),
         "--leader-elect=false".into(),
+        "--injection-mode=webhook".into(),
     ];
     let mut op = HostProcess::spawn(cp, "certs-readyz", &args, cp.kubeconfig());
     let readyz = || xtask::cluster::http_get(admin_port, "/readyz");

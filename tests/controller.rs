@@ -94,6 +94,7 @@ async fn status_tells_the_truth_about_the_pods() {
     assert!(s.violations[0].message.contains("recreate"), "{:?}", s.violations[0]);
     assert_eq!(condition(&s, "Conformant").status, "False");
     assert_eq!(condition(&s, "Ready").status, "True");
+    assert_eq!(condition(&s, "Injected").reason, "Webhook");
 
     // Pods created after it are mutated by the webhook and conform.
     eventually(Duration::from_secs(10), "the webhook to know the policy", || async {

@@ -3,6 +3,7 @@
 
 mod caches;
 pub mod conformance;
+pub mod injection;
 mod leader;
 mod metrics;
 mod node_reports;
@@ -40,6 +41,8 @@ pub struct Args {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub leader: LeaderArgs,
+    #[command(flatten)]
+    pub injection: injection::InjectionArgs,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// PEM CA file: when set, the webhook accepts only clients with a certificate this CA signed (configure the
@@ -86,6 +89,12 @@ pub async fn run(args: Args) -> Result<()> {
              (pass --kubelet-allows-keepalive-sysctls if they run with --allowed-unsafe-sysctls)"
         );
     }
+    let mode = injection::resolve(&client, args.injection.injection_mode).await?;
+    tracing::info!(
+        mode = ?mode,
+        requested = ?args.injection.injection_mode,
+        "injection mode"
+    );
     crate::runtime::raise_open_file_limit();
     let mut registry = Registry::with_prefix("keepalive");
     let metrics = ControllerMetrics::register(&mut registry);
@@ -105,12 +114,23 @@ pub async fn run(args: Args) -> Result<()> {
         metrics.leader.clone(),
         stopped.clone(),
     ));
+    let (reports_tx, reports) = injection::channel();
+    let injecting = tokio::spawn(injection::run(
+        client.clone(),
+        caches.clone(),
+        args.injection.clone(),
+        mode,
+        leading.clone(),
+        reports_tx,
+        stopped.clone(),
+    ));
     let writer = status_writer::StatusWriter::new(
         client.clone(),
         caches,
         cluster,
         args.cluster.verified_runtime_handlers.clone(),
         metrics,
+        reports,
     );
     let writing = tokio::spawn(writer.run(leading, stopped));
 
@@ -149,6 +169,7 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         let _ = election.await;
         let _ = writing.await;
+        let _ = injecting.await;
     })
     .await;
     tracing::info!("stopped");

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use super::{
     caches::{Caches, NamespaceChanges},
     conformance::{self, Conformance, NodeLive},
+    injection,
     leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
     node_reports::{HeldReport, NodeReports, Trust},
@@ -71,6 +72,8 @@ pub struct StatusWriter {
     reports: NodeReports,
     /// Node reports stamped or deleted lately, and when.
     report_actions: HashMap<String, Instant>,
+    /// How each policy's pods are mutated (the `Injected` condition), from the injection task.
+    injection: injection::Reports,
 }
 
 impl StatusWriter {
@@ -80,6 +83,7 @@ impl StatusWriter {
         cluster: ClusterFacts,
         runc_like: Vec<String>,
         metrics: ControllerMetrics,
+        injection: injection::Reports,
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let recorder = Recorder::new(
@@ -103,6 +107,7 @@ impl StatusWriter {
             runc_like,
             reports: NodeReports::default(),
             report_actions: Default::default(),
+            injection,
         }
     }
 
@@ -245,6 +250,10 @@ impl StatusWriter {
                         }
                     }
                 }
+                Ok(()) = self.injection.changed() => {
+                    // Every policy's `Injected` condition may have changed.
+                    self.pending.extend(self.state.policies().entries().iter().map(|e| Arc::from(e.name.as_str())));
+                }
                 _ = leading.lost() => return true,
                 _ = tick.tick() => {
                     // Stamps and deletions that failed or were held back are tried again.
@@ -258,7 +267,9 @@ impl StatusWriter {
                     // Nodes listed (or unreadable): a pod on an old kubelet is not first reported as something else.
                     let nodes_synced = self.reports.nodes_synced();
                     let caches_ready = crate::webhook::Lookup::ready(&*self.caches);
-                    if leader && pod_relist.synced() && reports_synced && nodes_synced && caches_ready {
+                    // The injection task has said how pods are mutated (its first write done or failed).
+                    let injection_known = self.injection.borrow().mode.is_some();
+                    if leader && pod_relist.synced() && reports_synced && nodes_synced && caches_ready && injection_known {
                         self.write_statuses(leading).await;
                     }
                 }
@@ -366,10 +377,12 @@ impl StatusWriter {
             };
             self.record_metrics(&name, &summary);
             let previous = self.last_status.get(&*name).cloned().or_else(|| object.status.clone());
+            let injection = self.injection.borrow().injection(&name);
             let status = conformance::status(
                 &summary,
                 object.meta().generation,
                 self.cluster,
+                &injection,
                 previous.as_ref(),
                 &stamp,
             );

@@ -79,6 +79,17 @@ pub struct CompileOptions {
     pub failure_policy: FailurePolicy,
     /// Namespaces the binding never matches (by `kubernetes.io/metadata.name`), as the webhook's exclusions.
     pub excluded_namespaces: Vec<String>,
+    /// A further `LabelSelector` on namespaces for the binding (the webhook's `namespaceSelector`); the
+    /// exclusions are added to its `matchExpressions`.
+    pub namespace_selector: Option<Value>,
+    /// A `LabelSelector` on pods for the binding (the webhook's `objectSelector`).
+    pub object_selector: Option<Value>,
+    /// `ownerReferences` of both objects (e.g. the operator's ClusterRole, so that uninstalling the operator
+    /// removes them).
+    pub owner_references: Vec<Value>,
+    /// Largest serialized policy object to emit; at most [`MAX_OBJECT_BYTES`] (an apiserver whose etcd takes
+    /// smaller requests needs less).
+    pub max_object_bytes: usize,
 }
 
 impl Default for CompileOptions {
@@ -87,6 +98,10 @@ impl Default for CompileOptions {
             name: NAME.to_string(),
             failure_policy: FailurePolicy::Ignore,
             excluded_namespaces: Vec::new(),
+            namespace_selector: None,
+            object_selector: None,
+            owner_references: Vec::new(),
+            max_object_bytes: MAX_OBJECT_BYTES,
         }
     }
 }
@@ -123,7 +138,7 @@ pub enum Limit {
     /// Its selectors alone make a CEL expression longer than the apiserver allows.
     ExpressionTooLong { code_points: usize },
     /// With it, the policy object would exceed [`MAX_OBJECT_BYTES`].
-    ObjectTooLarge { bytes: usize },
+    ObjectTooLarge { bytes: usize, limit: usize },
     /// A policy before it in precedence order is not compiled, so this one cannot be either.
     FollowsUncompiled,
 }
@@ -135,9 +150,9 @@ impl fmt::Display for Limit {
                 f,
                 "its selectors need a CEL expression of {code_points} code points (limit {MAX_EXPRESSION_CODE_POINTS})"
             ),
-            Limit::ObjectTooLarge { bytes } => write!(
+            Limit::ObjectTooLarge { bytes, limit } => write!(
                 f,
-                "with it the MutatingAdmissionPolicy would have {bytes} bytes (limit {MAX_OBJECT_BYTES})"
+                "with it the MutatingAdmissionPolicy would have {bytes} bytes (limit {limit})"
             ),
             Limit::FollowsUncompiled => write!(f, "a policy of higher precedence is not compiled"),
         }
@@ -198,8 +213,12 @@ pub fn compile(set: &PolicySet, options: &CompileOptions) -> Result<AdmissionPol
             .last()
             .is_none_or(|c| c.len() == MAX_CHAIN || chunk_code_points + code_points > EXPRESSION_BUDGET);
         let added = branch_bytes + if new_chunk { CHUNK_OVERHEAD_BYTES } else { 0 };
-        if (new_chunk && chunks.len() == MAX_CHAIN) || bytes + added > MAX_OBJECT_BYTES {
-            stop = Some(Limit::ObjectTooLarge { bytes: bytes + added });
+        let limit = options.max_object_bytes.min(MAX_OBJECT_BYTES);
+        if (new_chunk && chunks.len() == MAX_CHAIN) || bytes + added > limit {
+            stop = Some(Limit::ObjectTooLarge {
+                bytes: bytes + added,
+                limit,
+            });
             break;
         }
         if new_chunk {
@@ -249,22 +268,36 @@ fn object_bytes(policy: &Value) -> usize {
 }
 
 fn metadata(options: &CompileOptions) -> Value {
-    json!({
+    let mut metadata = json!({
         "name": options.name,
         "labels": { MANAGED_BY_LABEL: OPERATOR_MANAGER },
-    })
+    });
+    if !options.owner_references.is_empty() {
+        metadata["ownerReferences"] = Value::from(options.owner_references.clone());
+    }
+    metadata
 }
 
 fn binding(options: &CompileOptions) -> Value {
     let mut spec = json!({ "policyName": options.name });
+    let mut namespaces = options.namespace_selector.clone().unwrap_or_else(|| json!({}));
     if !options.excluded_namespaces.is_empty() {
-        spec["matchResources"] = json!({
-            "namespaceSelector": { "matchExpressions": [{
-                "key": "kubernetes.io/metadata.name",
-                "operator": "NotIn",
-                "values": options.excluded_namespaces,
-            }]},
+        let exclusion = json!({
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": options.excluded_namespaces,
         });
+        match namespaces.get_mut("matchExpressions").and_then(Value::as_array_mut) {
+            Some(expressions) => expressions.insert(0, exclusion),
+            None => namespaces["matchExpressions"] = json!([exclusion]),
+        }
+    }
+    let has_terms = |s: &Value| s.as_object().is_some_and(|o| !o.is_empty());
+    if has_terms(&namespaces) {
+        spec["matchResources"]["namespaceSelector"] = namespaces;
+    }
+    if let Some(objects) = options.object_selector.as_ref().filter(|s| has_terms(s)) {
+        spec["matchResources"]["objectSelector"] = objects.clone();
     }
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",

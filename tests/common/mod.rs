@@ -132,7 +132,13 @@ impl Operator {
 
     /// [`Operator::start`] with another kubeconfig (another identity, or another way to the apiserver).
     pub fn start_with_kubeconfig(cp: &ControlPlane, name: &str, args: &[&str], kubeconfig: &Path) -> Operator {
-        let (port, admin_port) = (cluster::free_port().unwrap(), cluster::free_port().unwrap());
+        Operator::start_at(cp, name, args, kubeconfig, cluster::free_port().unwrap())
+    }
+
+    /// [`Operator::start_with_kubeconfig`] with the webhook on a port chosen by the caller (a webhook
+    /// configuration the operator registers itself must name it before it starts).
+    pub fn start_at(cp: &ControlPlane, name: &str, args: &[&str], kubeconfig: &Path, port: u16) -> Operator {
+        let admin_port = cluster::free_port().unwrap();
         let args: Vec<String> = [
             "controller".to_string(),
             format!("--listen=127.0.0.1:{port}"),
@@ -141,6 +147,12 @@ impl Operator {
         .into_iter()
         .chain(args.iter().map(|a| a.to_string()))
         .collect();
+        // The webhook unless a test asks otherwise: an operator in admissionPolicy mode (auto on 1.36+) would
+        // install a MutatingAdmissionPolicy that mutates the pods of every test sharing the apiserver.
+        let mut args = args;
+        if !args.iter().any(|a| a.starts_with("--injection-mode")) {
+            args.push("--injection-mode=webhook".into());
+        }
         let mut process = HostProcess::spawn(cp, &format!("operator-{name}"), &args, kubeconfig);
         process.wait_ready(admin_port);
         Operator {

@@ -159,7 +159,7 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// The integration test binaries that run against the apiserver and differ by Kubernetes version: the API (CRD
 /// schema and CEL), the webhook, the controller, the chart, the agent's reports, and the node-bound writes.
-const APISERVER_SUITES: [&str; 6] = ["api", "webhook", "controller", "chart", "agent", "node_trust"];
+const APISERVER_SUITES: [&str; 8] = ["api", "webhook", "controller", "chart", "agent", "node_trust", "admission_policy", "injection"];
 
 fn suite_args() -> Vec<String> {
     APISERVER_SUITES

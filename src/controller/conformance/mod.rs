@@ -32,7 +32,7 @@ mod status;
 use self::pod::Interner;
 pub use self::{
     pod::{CachedPod, PodKey, parse_uid},
-    status::{same_report, status},
+    status::{Injection, same_report, status},
 };
 use crate::{
     api::{

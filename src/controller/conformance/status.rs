@@ -8,12 +8,82 @@ use crate::{
     policy::{self, ClusterFacts, Reason},
 };
 
+/// How a policy's pods get their values at creation: its `Injected` condition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Injection {
+    /// By the operator's webhook.
+    Webhook,
+    /// By the apiserver, through the MutatingAdmissionPolicy `name`.
+    AdmissionPolicy { name: String },
+    /// Not in the MutatingAdmissionPolicy `name` (`why`): by the fallback `webhook`, or not at all without one.
+    Fallback {
+        name: String,
+        why: String,
+        webhook: Option<String>,
+    },
+    /// Writing the MutatingAdmissionPolicy failed.
+    Failing { error: String },
+}
+
+impl Injection {
+    /// Status, reason and message of the `Injected` condition.
+    pub fn condition(&self) -> (bool, &'static str, String) {
+        match self {
+            Injection::Webhook => (
+                true,
+                "Webhook",
+                "pods are mutated at creation by the operator's webhook (pods created while no replica answers are \
+                 reported NotMutated)"
+                    .into(),
+            ),
+            Injection::AdmissionPolicy { name } => (
+                true,
+                "AdmissionPolicy",
+                format!(
+                    "pods are mutated at creation by the apiserver through the MutatingAdmissionPolicy {name}, \
+                     with no webhook on the path"
+                ),
+            ),
+            Injection::Fallback {
+                name,
+                why,
+                webhook: Some(webhook),
+            } => (
+                true,
+                "WebhookFallback",
+                format!(
+                    "not compiled into the MutatingAdmissionPolicy {name} ({why}): the pods it wins are mutated by \
+                     the fallback webhook {webhook} (reported NotMutated when no replica answers)"
+                ),
+            ),
+            Injection::Fallback {
+                name,
+                why,
+                webhook: None,
+            } => (
+                false,
+                "NotInjected",
+                format!(
+                    "not compiled into the MutatingAdmissionPolicy {name} ({why}) and no fallback webhook is \
+                     configured: the pods it wins are not mutated"
+                ),
+            ),
+            Injection::Failing { error } => (
+                false,
+                "AdmissionPolicyNotApplied",
+                format!("writing the MutatingAdmissionPolicy failed (retrying): {error}"),
+            ),
+        }
+    }
+}
+
 /// The status of a policy from its summary. Conditions keep their `lastTransitionTime` while their status does
 /// not change; `now` stamps `lastEvaluated` and new transitions.
 pub fn status(
     summary: &Summary,
     generation: Option<i64>,
     cluster: ClusterFacts,
+    injection: &Injection,
     previous: Option<&KeepalivePolicyStatus>,
     now: &Time,
 ) -> KeepalivePolicyStatus {
@@ -75,6 +145,10 @@ pub fn status(
             previous,
             now,
         ),
+        {
+            let (ok, reason, message) = injection.condition();
+            condition("Injected", ok, reason, message, generation, previous, now)
+        },
     ];
     KeepalivePolicyStatus {
         observed_generation: generation,

@@ -163,7 +163,14 @@ fn status_conditions_and_transition_times() {
         live_verified: 0,
         connections: None,
     };
-    let s0 = status(&summary, Some(4), ClusterFacts::default(), None, &t0);
+    let s0 = status(
+        &summary,
+        Some(4),
+        ClusterFacts::default(),
+        &Injection::Webhook,
+        None,
+        &t0,
+    );
     assert_eq!(s0.observed_generation, Some(4));
     let conformant = s0.conditions.iter().find(|c| c.type_ == "Conformant").unwrap();
     assert_eq!(
@@ -171,7 +178,14 @@ fn status_conditions_and_transition_times() {
         ("False", "PodsDoNotConform")
     );
     assert_eq!(conformant.message, "2 of 3 matched pods do not conform: 2 NotMutated");
-    let s1 = status(&summary, Some(4), ClusterFacts::default(), Some(&s0), &t1);
+    let s1 = status(
+        &summary,
+        Some(4),
+        ClusterFacts::default(),
+        &Injection::Webhook,
+        Some(&s0),
+        &t1,
+    );
     assert!(same_report(&s0, &s1), "only lastEvaluated differs");
     assert_eq!(s1.conditions[1].last_transition_time, t0, "no transition, time kept");
     let fixed = Summary {
@@ -185,7 +199,14 @@ fn status_conditions_and_transition_times() {
             keepalive: 4,
         }),
     };
-    let s2 = status(&fixed, Some(4), ClusterFacts::default(), Some(&s1), &t1);
+    let s2 = status(
+        &fixed,
+        Some(4),
+        ClusterFacts::default(),
+        &Injection::Webhook,
+        Some(&s1),
+        &t1,
+    );
     assert_eq!(s2.conditions[1].status, "True");
     assert_eq!(s2.conditions[1].last_transition_time, t1);
     assert_eq!(s2.live_verified_pods, Some(2));
@@ -196,14 +217,28 @@ fn status_conditions_and_transition_times() {
         by_reason: [(AWAITING, 1)].into(),
         ..fixed.clone()
     };
-    let s3 = status(&waiting, Some(4), ClusterFacts::default(), Some(&s2), &t1);
+    let s3 = status(
+        &waiting,
+        Some(4),
+        ClusterFacts::default(),
+        &Injection::Webhook,
+        Some(&s2),
+        &t1,
+    );
     assert_eq!(s3.conditions[1].status, "True");
     assert!(
         s3.conditions[1].message.contains("1 of 3 await"),
         "{}",
         s3.conditions[1].message
     );
-    let old = status(&fixed, Some(4), ClusterFacts::from_version("1", "28", false), None, &t1);
+    let old = status(
+        &fixed,
+        Some(4),
+        ClusterFacts::from_version("1", "28", false),
+        &Injection::Webhook,
+        None,
+        &t1,
+    );
     assert_eq!(old.conditions[0].reason, "ClusterTooOld");
 }
 
@@ -512,7 +547,14 @@ fn pods_on_a_kubelet_older_than_1_29_are_kubelet_too_old_until_it_is_upgraded() 
         );
     }
     assert_eq!(c.summary("quiet").unwrap().matched, 0, "opted-out pods are no one's");
-    let st = status(&s, Some(1), ClusterFacts::default(), None, &Time(now));
+    let st = status(
+        &s,
+        Some(1),
+        ClusterFacts::default(),
+        &Injection::Webhook,
+        None,
+        &Time(now),
+    );
     assert_eq!(st.violation_counts.get("KubeletTooOld"), Some(&2));
     assert_eq!(st.conditions[1].status, "False");
     assert!(

@@ -178,6 +178,7 @@ fn options_name_failure_policy_and_excluded_namespaces() {
         name: "kp".into(),
         failure_policy: FailurePolicy::Fail,
         excluded_namespaces: vec!["kube-system".into(), "keepalive".into()],
+        ..Default::default()
     };
     let compiled = compile(&PolicySet::default(), &options).unwrap();
     assert_eq!(compiled.policy["metadata"]["name"], "kp");
@@ -187,6 +188,76 @@ fn options_name_failure_policy_and_excluded_namespaces() {
         compiled.binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0],
         json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", "keepalive"]})
     );
+}
+
+#[test]
+fn binding_selectors_keep_the_exclusions_first_and_owners_reach_both_objects() {
+    let owner =
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "name": "op", "uid": "u-1"});
+    let options = CompileOptions {
+        excluded_namespaces: vec!["keepalive-system".into()],
+        namespace_selector: Some(json!({
+            "matchLabels": {"team": "a"},
+            "matchExpressions": [{"key": "tier", "operator": "Exists"}],
+        })),
+        object_selector: Some(json!({"matchLabels": {"app": "x"}})),
+        owner_references: vec![owner.clone()],
+        ..Default::default()
+    };
+    let compiled = compile(&PolicySet::default(), &options).unwrap();
+    let resources = &compiled.binding["spec"]["matchResources"];
+    assert_eq!(
+        resources["namespaceSelector"],
+        json!({
+            "matchLabels": {"team": "a"},
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["keepalive-system"]},
+                {"key": "tier", "operator": "Exists"},
+            ],
+        })
+    );
+    assert_eq!(resources["objectSelector"], json!({"matchLabels": {"app": "x"}}));
+    for object in [&compiled.policy, &compiled.binding] {
+        assert_eq!(object["metadata"]["ownerReferences"], json!([owner]));
+    }
+    // Empty selectors add nothing.
+    let plain = CompileOptions {
+        namespace_selector: Some(json!({})),
+        object_selector: Some(json!({})),
+        ..Default::default()
+    };
+    let compiled = compile(&PolicySet::default(), &plain).unwrap();
+    assert!(
+        compiled.binding["spec"].get("matchResources").is_none(),
+        "{}",
+        compiled.binding
+    );
+    assert!(compiled.policy["metadata"].get("ownerReferences").is_none());
+}
+
+#[test]
+fn a_smaller_object_limit_cuts_the_set_earlier_and_says_which_limit() {
+    let set = PolicySet::new((0..20).map(|i| {
+        policy(
+            &format!("p{i:02}"),
+            json!({"namespaceSelector": {"matchLabels": {"team": format!("t{i}")}}}),
+        )
+    }));
+    let full = compile(&set, &CompileOptions::default()).unwrap();
+    let empty = compile(&PolicySet::default(), &CompileOptions::default()).unwrap();
+    let limit = (object_bytes(&empty.policy) + object_bytes(&full.policy)) / 2;
+    let err = compile(
+        &set,
+        &CompileOptions {
+            max_object_bytes: limit,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.partial.compiled > 0 && err.partial.compiled < 20, "{err}");
+    assert!(object_bytes(&err.partial.policy) <= limit);
+    assert!(matches!(err.not_compiled[0].1, Limit::ObjectTooLarge { limit: l, .. } if l == limit));
+    assert!(err.to_string().contains(&format!("(limit {limit})")), "{err}");
 }
 
 #[test]
@@ -288,7 +359,7 @@ fn a_set_too_large_for_one_object_is_cut_where_it_stops_fitting() {
     let err = compile(&set, &CompileOptions::default()).unwrap_err();
     let fitting = err.partial.compiled;
     assert!(fitting > 100 && fitting < 400, "{fitting}");
-    assert!(matches!(err.not_compiled[0].1, Limit::ObjectTooLarge { bytes } if bytes > MAX_OBJECT_BYTES));
+    assert!(matches!(err.not_compiled[0].1, Limit::ObjectTooLarge { bytes, .. } if bytes > MAX_OBJECT_BYTES));
     assert_eq!(err.not_compiled[0].0, format!("p{fitting:03}"));
     assert_eq!(err.not_compiled.len(), 400 - fitting);
     let message = err.to_string();
