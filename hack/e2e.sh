@@ -18,8 +18,11 @@
 #    `kubectl get kap` conformant + live + coverage; on the wire (tcpdump on the host's veths, from before the
 #    clients connect): the first probe after 20 s of idle, an answered probe followed by the next after 20 s,
 #    then, with the server's answers dropped, probes every 5 s and the reset after 3; `ss -o` timers in the
-#    pod's namespace; a client without the policy keeps the 7200 s default and sends no probe; a pod created
-#    while the operator is scaled to 0 is created and reported NotMutated once the operator is back; a static pod
+#    pod's namespace; a client without the policy keeps the 7200 s default and sends no probe; the chart's
+#    injection mode `auto` is admissionPolicy on 1.37: a MutatingAdmissionPolicy and binding by the operator, no
+#    webhook configuration, and a pod created while the operator is scaled to 0 gets the policy's sysctls (its
+#    kernel holds them) and conforms; after `helm upgrade --set injection.mode=webhook` the operator has removed the
+#    admission policy and a pod created while it is scaled to 0 is reported NotMutated; a static pod
 #    (a manifest in the kubelet's staticPodPath) reported by its config hash and counted live-verified; pods
 #    created in a loop through a `kubectl rollout restart` of the operator's 2 replicas: none rejected, none
 #    without its sysctls (the replicas drain on SIGTERM); the node's kubelet is the newest version of
@@ -246,7 +249,7 @@ for p in "${clients[@]}"; do
   s="$(spec_sysctls "$NS" "$p")"
   echo "  $NS/$p spec sysctls: $s"
   [[ $s == *"net.ipv4.tcp_keepalive_time=20"* && $s == *"net.ipv4.tcp_keepalive_intvl=5"* && $s == *"net.ipv4.tcp_keepalive_probes=3"* ]] \
-    && pass "pod $p: sysctls injected by the webhook ($s)" || fail "pod $p: sysctls injected (got '$s')"
+    && pass "pod $p: sysctls injected at admission ($s)" || fail "pod $p: sysctls injected (got '$s')"
   k="$(in_pod "$NS" "$p" sh -c 'echo $(cat /proc/sys/net/ipv4/tcp_keepalive_time /proc/sys/net/ipv4/tcp_keepalive_intvl /proc/sys/net/ipv4/tcp_keepalive_probes)')"
   [[ $k == "20 5 3" ]] && pass "pod $p: kernel holds time/intvl/probes = $k in its netns" || fail "pod $p: kernel values '$k', want '20 5 3'"
 done
@@ -401,30 +404,94 @@ EOF
 then pass "KeepaliveNodeReport: live time/interval/probes 20/5/3 for both client pods by UID; owned by the Node (its UID)"
 else fail "KeepaliveNodeReport: live 20/5/3 for both client pods by UID, or the Node ownerReference, not found"; fi
 
-# --- a pod created while the operator is down ---------------------------------------------------------------------------
-stage="operator scaled to 0"
-replicas="$(kubectl get -n "$REL_NS" "$operator_deploy" -o jsonpath='{.spec.replicas}')"
-kubectl scale -n "$REL_NS" "$operator_deploy" --replicas=0 >/dev/null
-kubectl wait -n "$REL_NS" pod -l app.kubernetes.io/component=operator --for=delete --timeout=60s >/dev/null 2>&1 || true
-t=$SECONDS
-if kubectl run late -n "$NS" --image="$WORKLOAD_IMAGE" --image-pull-policy=Never --restart=Never \
-  -- client --peer "$server_ip:7000" --keepalive 1 --plain 0 >/dev/null; then
-  pass "operator at 0 replicas: pod 'late' created anyway in $((SECONDS - t)) s (failurePolicy Ignore)"
-else fail "operator at 0 replicas: pod 'late' not created"; fi
+# --- injection mode: the chart's `auto` on 1.37 compiles the policies into a MutatingAdmissionPolicy ----------------
+stage="injection mode"
+fullname=keepalive-keepalive-operator
+map_name="$fullname-policies"
+map_label="$(kubectl get mutatingadmissionpolicy "$map_name" -o jsonpath='{.metadata.labels.app\.kubernetes\.io/managed-by}' 2>/dev/null || true)"
+binding_policy="$(kubectl get mutatingadmissionpolicybinding "$map_name" -o jsonpath='{.spec.policyName}' 2>/dev/null || true)"
+mwc="$(kubectl get mutatingwebhookconfigurations -o name)"
+kubectl get mutatingadmissionpolicies
+if [[ $map_label == keepalive-operator && $binding_policy == "$map_name" && $mwc != *"/$fullname"* ]]; then
+  pass "injection mode auto on 1.37: MutatingAdmissionPolicy $map_name and its binding by the operator, no MutatingWebhookConfiguration"
+else fail "injection mode auto: MAP label '$map_label', binding policy '$binding_policy', webhook configurations '${mwc//$'\n'/ }'"; fi
+injected_reason="$(kubectl get kap e2e-fast -o jsonpath='{.status.conditions[?(@.type=="Injected")].reason}')"
+[[ $injected_reason == AdmissionPolicy ]] && pass "kubectl get kap e2e-fast: condition Injected, reason AdmissionPolicy" \
+  || fail "condition Injected reason '$injected_reason', want AdmissionPolicy"
+
+# --- pods created while the operator is down ------------------------------------------------------------------------------
+# Scales the operator to 0, creates pod $1 in $NS, scales it back.
+late_pod() {
+  replicas="$(kubectl get -n "$REL_NS" "$operator_deploy" -o jsonpath='{.spec.replicas}')"
+  kubectl scale -n "$REL_NS" "$operator_deploy" --replicas=0 >/dev/null
+  kubectl wait -n "$REL_NS" pod -l app.kubernetes.io/component=operator --for=delete --timeout=60s >/dev/null 2>&1 || true
+  t=$SECONDS
+  if kubectl run "$1" -n "$NS" --image="$WORKLOAD_IMAGE" --image-pull-policy=Never --restart=Never \
+    -- client --peer "$server_ip:7000" --keepalive 1 --plain 0 >/dev/null; then
+    pass "operator at 0 replicas: pod '$1' created anyway in $((SECONDS - t)) s (failurePolicy Ignore)"
+  else fail "operator at 0 replicas: pod '$1' not created"; fi
+}
+operator_back() {
+  kubectl scale -n "$REL_NS" "$operator_deploy" --replicas="$replicas" >/dev/null
+  kubectl rollout status -n "$REL_NS" "$operator_deploy" --timeout=90s >/dev/null
+}
+violation_of() { kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | sed -n "s/^$1=//p"; }
+stage="operator scaled to 0 (admissionPolicy)"
+late_pod late
 s="$(spec_sysctls "$NS" late)"
-[[ -z $s ]] && pass "pod 'late' has no injected sysctls" || fail "pod 'late' has sysctls '$s'"
-kubectl scale -n "$REL_NS" "$operator_deploy" --replicas="$replicas" >/dev/null
+kubectl wait -n "$NS" pod/late --for=condition=Ready --timeout=60s >/dev/null 2>&1 || true
+k="$(in_pod "$NS" late sh -c 'echo $(cat /proc/sys/net/ipv4/tcp_keepalive_time /proc/sys/net/ipv4/tcp_keepalive_intvl /proc/sys/net/ipv4/tcp_keepalive_probes)' 2>/dev/null || true)"
+[[ $s == *"net.ipv4.tcp_keepalive_time=20"* && $s == *"net.ipv4.tcp_keepalive_intvl=5"* && $s == *"net.ipv4.tcp_keepalive_probes=3"* && $k == "20 5 3" ]] \
+  && pass "pod 'late' got the policy's sysctls from the apiserver with no operator running ($s); its kernel holds $k" \
+  || fail "pod 'late': spec sysctls '$s', kernel '$k' (want 20/5/3 in both)"
+operator_back
+deadline=$((SECONDS + 60))
+until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' | grep -x 3 >/dev/null; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+v="$(violation_of late)"
+[[ -z $v ]] && kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' | grep -x 3 >/dev/null \
+  && pass "operator back: pod 'late' conforms and is live-verified (3 live), no NotMutated" \
+  || fail "operator back: 'late' violation '$v', live $(kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}')"
+kubectl delete pod -n "$NS" late --wait=true >/dev/null
+# Back to the two clients before the static pod is counted.
+deadline=$((SECONDS + 60))
+until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' | grep -x 2 >/dev/null; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+
+# The same in webhook mode (helm upgrade --set injection.mode=webhook): the operator removes the admission policy,
+# the chart registers the webhook, and a pod created while no replica answers is reported NotMutated.
+stage="webhook mode"
+t=$SECONDS
+helm upgrade keepalive "$root/charts/keepalive-operator" -n "$REL_NS" --reuse-values --set injection.mode=webhook \
+  --wait --timeout 180s >/dev/null
 kubectl rollout status -n "$REL_NS" "$operator_deploy" --timeout=90s >/dev/null
 deadline=$((SECONDS + 60))
-until kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; do
+while kubectl get mutatingadmissionpolicy "$map_name" >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || break
+  sleep 1
+done
+if ! kubectl get mutatingadmissionpolicy "$map_name" >/dev/null 2>&1 && ! kubectl get mutatingadmissionpolicybinding "$map_name" >/dev/null 2>&1 &&
+  kubectl get mutatingwebhookconfiguration "$fullname" >/dev/null 2>&1; then
+  pass "helm upgrade to injection.mode=webhook: webhook registered, admission policy and binding removed by the operator ($((SECONDS - t)) s)"
+else fail "helm upgrade to webhook mode: MAP/binding still there or no MutatingWebhookConfiguration $fullname"; fi
+late_pod late-webhook
+s="$(spec_sysctls "$NS" late-webhook)"
+[[ -z $s ]] && pass "webhook mode: pod 'late-webhook' has no injected sysctls" || fail "pod 'late-webhook' has sysctls '$s'"
+operator_back
+deadline=$((SECONDS + 60))
+until [[ $(violation_of late-webhook) == NotMutated ]]; do
   ((SECONDS < deadline)) || break
   sleep 2
 done
 kubectl get kap e2e-fast
 kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}  violation: {.namespace}/{.name} {.reason}: {.message}{"\n"}{end}'
-if kubectl get kap e2e-fast -o jsonpath='{range .status.violations[*]}{.name}={.reason}{"\n"}{end}' | grep -x 'late=NotMutated' >/dev/null; then
-  pass "operator back: policy status lists pod 'late' as NotMutated"
-else fail "operator back: 'late' not NotMutated in the policy status"; fi
+[[ $(violation_of late-webhook) == NotMutated ]] && pass "operator back: policy status lists pod 'late-webhook' as NotMutated" \
+  || fail "operator back: 'late-webhook' not NotMutated in the policy status"
+kubectl delete pod -n "$NS" late-webhook --wait=true >/dev/null
 
 # --- a static pod: verified through its mirror pod's config hash --------------------------------------------------------
 stage="static pod"

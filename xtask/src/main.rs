@@ -158,8 +158,19 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The integration test binaries that run against the apiserver and differ by Kubernetes version: the API (CRD
-/// schema and CEL), the webhook, the controller, the chart, the agent's reports, and the node-bound writes.
-const APISERVER_SUITES: [&str; 8] = ["api", "webhook", "controller", "chart", "agent", "node_trust", "admission_policy", "injection"];
+/// schema and CEL), the webhook, the controller, the chart, the agent's reports, the node-bound writes, the
+/// MutatingAdmissionPolicy compiler and the injection modes (MutatingAdmissionPolicy v1 from 1.36; before, the
+/// injection suite proves `auto` picks the webhook and `admissionPolicy` is refused).
+const APISERVER_SUITES: [&str; 8] = [
+    "api",
+    "webhook",
+    "controller",
+    "chart",
+    "agent",
+    "node_trust",
+    "admission_policy",
+    "injection",
+];
 
 fn suite_args() -> Vec<String> {
     APISERVER_SUITES
