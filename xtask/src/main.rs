@@ -421,7 +421,7 @@ fn demo(hold: bool) -> Result<()> {
     let binary = tools::repo_root().join(target_dir).join("debug/keepalive-operator");
 
     let (port, admin) = (cluster::free_port()?, cluster::free_port()?);
-    step("helm install: the chart's CRDs, ServiceAccounts, RBAC and webhook (registered by URL to this host)");
+    step("helm install: the chart's CRDs, ServiceAccounts, RBAC and injection (injection.mode auto)");
     let chart = tools::repo_root().join("charts/keepalive-operator");
     // Helm cannot manage the release namespace: created first, enforcing Pod Security "restricted".
     restricted_namespace(&cp, NAMESPACE)?;
@@ -465,16 +465,32 @@ fn demo(hold: bool) -> Result<()> {
     })?;
     eprintln!("    keepalive-operator {}", args.join(" "));
     eprintln!("    serving https://127.0.0.1:{port}/mutate; log: {}", log.display());
-    wait_for("the operator to set the webhook's caBundle", || {
-        cp.kubectl_output(&[
-            "get",
-            "mutatingwebhookconfiguration",
-            FULLNAME,
-            "-o",
-            "jsonpath={.webhooks[0].clientConfig.caBundle}",
-        ])
-        .is_ok_and(|b| !b.is_empty())
-    })?;
+    // The chart's injection mode `auto`: the MutatingAdmissionPolicy where the apiserver serves it (1.36+), else the
+    // webhook, registered by URL to this host.
+    let admission_policy = format!("{FULLNAME}-policies");
+    let args_line = args.join(" ");
+    if args_line.contains("--injection-mode=admissionPolicy") {
+        wait_for("the operator to write its MutatingAdmissionPolicy", || {
+            cp.kubectl_output(&["get", "mutatingadmissionpolicybinding", &admission_policy])
+                .is_ok()
+        })?;
+        eprintln!(
+            "    injection mode admissionPolicy: the apiserver mutates pods itself (MutatingAdmissionPolicy \
+             {admission_policy}); no webhook on the pod-creation path"
+        );
+    } else {
+        wait_for("the operator to set the webhook's caBundle", || {
+            cp.kubectl_output(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                FULLNAME,
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ])
+            .is_ok_and(|b| !b.is_empty())
+        })?;
+        eprintln!("    injection mode webhook: the apiserver calls https://127.0.0.1:{port}/mutate");
+    }
 
     step("Namespaces, and a pod created before any policy exists");
     apply_yaml(
@@ -541,7 +557,23 @@ fn demo(hold: bool) -> Result<()> {
             ])?
         );
     }
-    step("kubectl get pod web -n shop: the sysctls and annotation the webhook injected");
+    if args_line.contains("--injection-mode=admissionPolicy") {
+        step("kubectl get mutatingadmissionpolicies: the policies compiled into one, kept by the operator's leader");
+        print!(
+            "{}",
+            cp.kubectl_output(&["get", "mutatingadmissionpolicies,mutatingadmissionpolicybindings"])?
+        );
+        println!(
+            "{}",
+            cp.kubectl_output(&[
+                "get",
+                "kap",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}: {.status.conditions[?(@.type==\"Injected\")].reason}{\"\\n\"}{end}",
+            ])?
+        );
+    }
+    step("kubectl get pod web -n shop: the sysctls and annotation injected at admission");
     println!(
         "{}",
         cp.kubectl_output(&[
