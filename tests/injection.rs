@@ -338,6 +338,20 @@ async fn admission_policy_mode_injects_without_the_operator_and_falls_back_to_th
         !map.data.to_string().contains("inj-b"),
         "inj-b is not in the admission policy"
     );
+    let metrics = op.metrics();
+    for line in [
+        r#"keepalive_injection_policies{way="admission_policy"} 1"#,
+        r#"keepalive_injection_policies{way="fallback_webhook"} 1"#,
+        r#"keepalive_injection_policies{way="not_injected"} 0"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    let bytes: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keepalive_admission_policy_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(bytes > 0 && bytes <= max_bytes, "{bytes} bytes, limit {max_bytes}");
     let logs = op.logs();
     assert!(
         logs.contains("1 of 2 KeepalivePolicies cannot be compiled") && logs.contains("fallback webhook"),

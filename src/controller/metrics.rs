@@ -64,7 +64,30 @@ impl WriteOutcome {
     }
 }
 
-crate::label_value!(Cache, PodState, WriteOutcome);
+/// How a policy's pods are mutated: the `way` label of `keepalive_injection_policies`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Way {
+    AdmissionPolicy,
+    FallbackWebhook,
+    NotInjected,
+}
+
+impl Way {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Way::AdmissionPolicy => "admission_policy",
+            Way::FallbackWebhook => "fallback_webhook",
+            Way::NotInjected => "not_injected",
+        }
+    }
+}
+
+crate::label_value!(Cache, PodState, WriteOutcome, Way);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WayLabels {
+    way: Way,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
@@ -90,6 +113,9 @@ pub struct ControllerMetrics {
     pub reconcile_duration: Histogram,
     status_writes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
+    injection_policies: Family<WayLabels, Gauge>,
+    pub admission_policy_bytes: Gauge,
+    admission_policy_writes: Family<OutcomeLabels, Counter>,
 }
 
 impl ControllerMetrics {
@@ -102,7 +128,25 @@ impl ControllerMetrics {
             )),
             status_writes: Family::default(),
             leader: Gauge::default(),
+            injection_policies: Family::default(),
+            admission_policy_bytes: Gauge::default(),
+            admission_policy_writes: Family::default(),
         };
+        registry.register(
+            "injection_policies",
+            "Policies by the way their pods are mutated in admissionPolicy mode (leader only)",
+            metrics.injection_policies.clone(),
+        );
+        registry.register(
+            "admission_policy_bytes",
+            "Size of the compiled MutatingAdmissionPolicy (leader, admissionPolicy mode; limit 1000000)",
+            metrics.admission_policy_bytes.clone(),
+        );
+        registry.register(
+            "admission_policy_writes",
+            "Passes that wrote the MutatingAdmissionPolicy, binding and fallback webhook, by result",
+            metrics.admission_policy_writes.clone(),
+        );
         registry.register(
             "cache_objects",
             "Objects held by each watch-driven cache",
@@ -138,6 +182,16 @@ impl ControllerMetrics {
                 state,
             })
             .set(i64::from(n));
+    }
+
+    pub fn injection_policies(&self, way: Way, n: usize) {
+        self.injection_policies.get_or_create(&WayLabels { way }).set(n as i64);
+    }
+
+    pub fn admission_policy_write(&self, outcome: WriteOutcome) {
+        self.admission_policy_writes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn status_write(&self, outcome: WriteOutcome) {

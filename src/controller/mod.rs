@@ -115,15 +115,15 @@ pub async fn run(args: Args) -> Result<()> {
         stopped.clone(),
     ));
     let (reports_tx, reports) = injection::channel();
-    let injecting = tokio::spawn(injection::run(
+    let injector = injection::Injector::new(
         client.clone(),
         caches.clone(),
         args.injection.clone(),
         mode,
-        leading.clone(),
         reports_tx,
-        stopped.clone(),
-    ));
+        metrics.clone(),
+    );
+    let injecting = tokio::spawn(injector.run(leading.clone(), stopped.clone()));
     let writer = status_writer::StatusWriter::new(
         client.clone(),
         caches,

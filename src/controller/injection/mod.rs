@@ -21,7 +21,11 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use self::objects::Objects;
-use super::{Caches, leader::Leadership};
+use super::{
+    Caches,
+    leader::Leadership,
+    metrics::{ControllerMetrics, Way, WriteOutcome},
+};
 use crate::{
     controller::conformance::Injection,
     policy::admission_policy::{self, CompileOptions, FailurePolicy},
@@ -193,57 +197,51 @@ pub fn channel() -> (watch::Sender<Arc<Report>>, Reports) {
     watch::channel(Arc::new(Report::default()))
 }
 
-/// Runs until `shutdown` fires: while this replica leads, keeps the injection objects as the mode wants them.
-pub async fn run(
-    client: Client,
-    caches: Arc<Caches>,
-    args: InjectionArgs,
-    mode: Resolved,
-    mut leading: Leadership,
-    report: watch::Sender<Arc<Report>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut term = Term::new(client, caches, args, mode, report);
-    loop {
-        tokio::select! {
-            led = leading.acquired() => if !led { return },
-            _ = shutdown.changed() => return,
-        }
-        let this_term = leading.clone();
-        tokio::select! {
-            _ = leading.lost() => {
-                tracing::info!("no longer leading: the injection objects are left to the next leader");
-            }
-            _ = term.lead(&this_term) => return,
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// One replica's injection work; `lead` runs while it leads.
-struct Term {
+/// One replica's injection work: [`Injector::run`] keeps the objects as the mode wants them while it leads.
+pub struct Injector {
     caches: Arc<Caches>,
     args: InjectionArgs,
     mode: Resolved,
     objects: Objects,
     report: watch::Sender<Arc<Report>>,
+    metrics: ControllerMetrics,
 }
 
-impl Term {
-    fn new(
+impl Injector {
+    pub fn new(
         client: Client,
         caches: Arc<Caches>,
         args: InjectionArgs,
         mode: Resolved,
         report: watch::Sender<Arc<Report>>,
+        metrics: ControllerMetrics,
     ) -> Self {
         let objects = Objects::new(client, &args);
-        Term {
+        Injector {
             caches,
             args,
             mode,
             objects,
             report,
+            metrics,
+        }
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(mut self, mut leading: Leadership, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                led = leading.acquired() => if !led { return },
+                _ = shutdown.changed() => return,
+            }
+            let this_term = leading.clone();
+            tokio::select! {
+                _ = leading.lost() => {
+                    tracing::info!("no longer leading: the injection objects are left to the next leader");
+                }
+                _ = self.lead(&this_term) => return,
+                _ = shutdown.changed() => return,
+            }
         }
     }
 
@@ -325,8 +323,25 @@ impl Term {
                 owner,
             )
             .await;
+        self.metrics.admission_policy_write(match &written {
+            Ok(true) => WriteOutcome::Written,
+            Ok(false) => WriteOutcome::Unchanged,
+            Err(_) => WriteOutcome::Failed,
+        });
+        let compiled_count = if set.is_empty() { 0 } else { compiled.compiled };
+        let bytes = serde_json::to_vec(&compiled.policy).map_or(0, |v| v.len());
+        self.metrics
+            .admission_policy_bytes
+            .set(if set.is_empty() { 0 } else { bytes as i64 });
+        self.metrics.injection_policies(Way::AdmissionPolicy, compiled_count);
+        let (fallen, lost) = match fallback {
+            Some(_) => (not_compiled.len(), 0),
+            None => (0, not_compiled.len()),
+        };
+        self.metrics.injection_policies(Way::FallbackWebhook, fallen);
+        self.metrics.injection_policies(Way::NotInjected, lost);
         let (wake, error) = match written {
-            Ok(()) => (BACKSTOP, None),
+            Ok(_) => (BACKSTOP, None),
             Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),

@@ -90,20 +90,21 @@ impl Objects {
     /// Makes the objects what the mode wants: the compiled policy and binding (`None`: none, there is no
     /// policy), and the fallback webhook configuration while `fallback_needed`. When the fallback appears it is
     /// registered before the admission policy shrinks; when it goes, the grown admission policy is written first.
+    /// `Ok(false)`: nothing to write (written lately as it is).
     pub async fn write(
         &mut self,
         leading: &Leadership,
         compiled: Option<&AdmissionPolicy>,
         fallback_needed: bool,
         owner: &Option<Value>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let fallback_needed = fallback_needed && self.fallback.is_some();
         let wanted = Written {
             policy: compiled.map(|c| c.policy.clone()),
             fallback: Some(fallback_needed),
         };
         if self.written == wanted && self.written_at.is_some_and(|t| t.elapsed() < BACKSTOP / 2) {
-            return Ok(());
+            return Ok(false);
         }
         self.written_at = None;
         if fallback_needed {
@@ -124,7 +125,7 @@ impl Objects {
         }
         self.written = wanted;
         self.written_at = Some(Instant::now());
-        Ok(())
+        Ok(true)
     }
 
     /// Webhook mode: deletes the binding, the policy and the fallback configuration if they exist. Objects the
