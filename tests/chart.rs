@@ -186,7 +186,8 @@ fn json_flag(args: &[String], name: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"))
 }
 
-/// The flags that only admissionPolicy mode passes.
+/// The flags of admissionPolicy mode; webhook mode passes none of them, but the fallback where the cluster serves
+/// MutatingAdmissionPolicy v1 (the operator then deletes that fallback if admissionPolicy mode left it).
 const ADMISSION_POLICY_FLAGS: [&str; 5] = [
     "--fallback-webhook-configuration",
     "--admission-policy-failure-policy",
@@ -219,8 +220,8 @@ const OPERATOR_RULES: &[&str] = &[
 /// The operator's ClusterRole rules: [`OPERATOR_RULES`] and those of the injection mode. In admissionPolicy mode:
 /// the fallback webhook configuration (created, patched, deleted; its caBundle read and watched with self-managed
 /// certificates) and its own ClusterRole (read, the owner). In webhook mode: its webhook configuration's caBundle
-/// (self-managed certificates) and the fallback deleted. Where the cluster serves MutatingAdmissionPolicy v1, in
-/// either mode: the policy and its binding.
+/// (self-managed certificates). Where the cluster serves MutatingAdmissionPolicy v1, in either mode: the policy and
+/// its binding, and in webhook mode the fallback deleted (left from admissionPolicy mode).
 fn operator_rules(admission_policy_mode: bool, map_served: bool, self_managed_certs: bool) -> BTreeSet<String> {
     let mut rules = set(OPERATOR_RULES);
     let mwc = "admissionregistration.k8s.io mutatingwebhookconfigurations";
@@ -240,7 +241,9 @@ fn operator_rules(admission_policy_mode: bool, map_served: bool, self_managed_ce
                 rules.insert(format!("{mwc}/{FULLNAME} {verb}"));
             }
         }
-        rules.insert(format!("{mwc}/{FALLBACK} delete"));
+        if map_served {
+            rules.insert(format!("{mwc}/{FALLBACK} delete"));
+        }
     }
     if map_served {
         for resource in ["mutatingadmissionpolicies", "mutatingadmissionpolicybindings"] {
@@ -493,17 +496,10 @@ fn options_render_as_documented() {
     let role = rules(find(&objects, "Role", FULLNAME).unwrap());
     assert!(role.iter().all(|r| !r.contains("secrets")), "{role:?}");
     let cluster_role = rules(find(&objects, "ClusterRole", FULLNAME).unwrap());
-    // Of webhook configurations, only the deletion of an admissionPolicy mode's fallback.
-    let on_webhooks: Vec<&str> = cluster_role
-        .iter()
-        .map(String::as_str)
-        .filter(|r| r.contains("mutatingwebhookconfigurations"))
-        .collect();
-    assert_eq!(
-        on_webhooks,
-        [format!(
-            "admissionregistration.k8s.io mutatingwebhookconfigurations/{FALLBACK} delete"
-        )],
+    assert!(
+        cluster_role
+            .iter()
+            .all(|r| !r.contains("mutatingwebhookconfigurations")),
         "{cluster_role:?}"
     );
     // Nodes (UIDs for node reports, kubelet versions): watched, nothing more.
@@ -888,13 +884,18 @@ fn injection_mode_auto_follows_the_served_apis() {
 
 #[test]
 fn explicit_injection_modes() {
-    // webhook where MutatingAdmissionPolicy is served: the chart's webhook configuration, as on older clusters.
+    // webhook where MutatingAdmissionPolicy is served: the chart's webhook configuration, as on older clusters,
+    // and the fallback named so that the operator deletes it if admissionPolicy mode left it.
     let objects = template_map("1.37.0", &["injection.mode=webhook"]);
-    assert!(find(&objects, "MutatingWebhookConfiguration", FULLNAME).is_some());
+    let mwc = find(&objects, "MutatingWebhookConfiguration", FULLNAME).expect("the webhook configuration");
     let args = rendered_args(&objects);
     assert_eq!(flag(&args, "--injection-mode"), Some("webhook"));
     assert_eq!(flag(&args, "--webhook-configuration"), Some(FULLNAME));
-    for absent in ADMISSION_POLICY_FLAGS {
+    assert_eq!(flag(&args, "--admission-policy-name"), Some(POLICIES));
+    let mut renamed = mwc.clone();
+    renamed["metadata"]["name"] = json!(FALLBACK);
+    assert_eq!(json_flag(&args, "--fallback-webhook-configuration"), renamed);
+    for absent in &ADMISSION_POLICY_FLAGS[1..] {
         assert_eq!(flag(&args, absent), None, "{args:?}");
     }
     // admissionPolicy where it is served.
@@ -930,7 +931,7 @@ fn operator_rbac_follows_the_injection_mode() {
         cluster_role(&template("1.35.0", &[cert_manager])),
         operator_rules(false, false, false)
     );
-    // Webhook mode on a cluster with it: also the policy and binding, to delete those of an earlier
+    // Webhook mode on a cluster with it: also the policy, binding and fallback, to delete those of an earlier
     // admissionPolicy mode.
     for sets in [
         &["injection.mode=webhook"][..],
@@ -982,7 +983,22 @@ fn operator_rbac_follows_the_injection_mode() {
             &format!("{mwc}/{FULLNAME} list"),
             &format!("{mwc}/{FULLNAME} watch"),
             &format!("{mwc}/{FULLNAME} patch"),
+        ])
+    );
+    assert_eq!(
+        added(cluster_role(&template_map("1.37.0", &["injection.mode=webhook"]))),
+        set(&[
+            &format!("{mwc}/{FULLNAME} get"),
+            &format!("{mwc}/{FULLNAME} list"),
+            &format!("{mwc}/{FULLNAME} watch"),
+            &format!("{mwc}/{FULLNAME} patch"),
             &format!("{mwc}/{FALLBACK} delete"),
+            &format!("{map}/{POLICIES} create"),
+            &format!("{map}/{POLICIES} patch"),
+            &format!("{map}/{POLICIES} delete"),
+            &format!("{binding}/{POLICIES} create"),
+            &format!("{binding}/{POLICIES} patch"),
+            &format!("{binding}/{POLICIES} delete"),
         ])
     );
     // The namespaced Role (Lease, Secret) is the same in every mode.

@@ -476,7 +476,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         (["create", &fallback], map_mode),
         (["patch", &fallback], map_mode),
         (["watch", &fallback], map_mode),
-        (["delete", &fallback], true),
+        (["delete", &fallback], map_mode),
         // The admission policy and binding of its name, where served; no other.
         (["create", &map], map_mode),
         (["patch", &map], map_mode),
@@ -820,6 +820,12 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         let args = operator_args(port, admin_port);
         assert_eq!(flag(&args, "--injection-mode"), Some("webhook"));
         assert_eq!(flag(&args, "--webhook-configuration"), Some(FULLNAME));
+        // The fallback named, for the operator to delete.
+        assert_eq!(
+            json_flag(&args, "--fallback-webhook-configuration")["metadata"]["name"],
+            FALLBACK
+        );
+        assert_eq!(flag(&args, "--owner-cluster-role"), None);
         let mut operator = HostProcess::spawn(cp, "chart-operator-3", &args, &kubeconfig);
         operator.wait_ready(admin_port);
         eventually(
