@@ -28,6 +28,12 @@ const RELEASE: &str = "ka";
 const FULLNAME: &str = "ka-keepalive-operator";
 /// The agent's namespace by default: the release namespace + "-agent".
 const AGENT_NS: &str = "keepalive-chart-agent";
+/// The MutatingAdmissionPolicy and its binding the operator creates in admissionPolicy mode.
+const POLICIES: &str = "ka-keepalive-operator-policies";
+/// The fallback MutatingWebhookConfiguration the operator registers in admissionPolicy mode.
+const FALLBACK: &str = "ka-keepalive-operator-fallback";
+/// What `helm template --api-versions` says to emulate a cluster serving MutatingAdmissionPolicy v1 (1.36+).
+const MAP_API: &str = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy";
 
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/keepalive-operator")
@@ -52,28 +58,41 @@ fn helm_ok(args: &[&str]) -> String {
     run_helm(args).unwrap_or_else(|e| panic!("helm {} failed:\n{e}", args.join(" ")))
 }
 
-/// `helm template` of the chart with `--set` values, as a list of objects.
+/// `helm template` of the chart with `--set` values, as a list of objects. Without `--api-versions`, helm's
+/// capabilities hold no kinds: the cluster it renders for does not serve MutatingAdmissionPolicy v1.
 fn template(kube_version: &str, sets: &[&str]) -> Vec<Value> {
-    let chart = chart_dir();
-    let mut args = vec![
-        "template",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--namespace",
-        NS,
-        "--kube-version",
-        kube_version,
-    ];
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    let yaml = helm_ok(&args);
+    render(kube_version, &[], sets)
+}
+
+/// `helm template` for a cluster that serves MutatingAdmissionPolicy v1 (Kubernetes 1.36+).
+fn template_map(kube_version: &str, sets: &[&str]) -> Vec<Value> {
+    render(kube_version, &[MAP_API], sets)
+}
+
+fn render(kube_version: &str, api_versions: &[&str], sets: &[&str]) -> Vec<Value> {
+    let args = template_args(kube_version, api_versions, sets);
+    let yaml = helm_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     serde_norway::Deserializer::from_str(&yaml)
         .filter_map(|doc| {
             let v: Value = serde::Deserialize::deserialize(doc).unwrap();
             (!v.is_null()).then_some(v)
         })
         .collect()
+}
+
+/// The arguments of `helm template` in the release namespace.
+fn template_args(kube_version: &str, api_versions: &[&str], sets: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["template", RELEASE, chart_dir().to_str().unwrap(), "--namespace", NS]
+        .map(String::from)
+        .into();
+    args.extend(["--kube-version".to_string(), kube_version.to_string()]);
+    for a in api_versions {
+        args.extend(["--api-versions".to_string(), a.to_string()]);
+    }
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    args
 }
 
 fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
@@ -144,6 +163,98 @@ fn strings(v: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// The container args of the rendered operator Deployment.
+fn rendered_args(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", FULLNAME).expect("the operator Deployment");
+    strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// The value of `--flag=value` in `args`, which must give it at most once.
+fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let prefix = format!("{flag}=");
+    let values: Vec<&str> = args.iter().filter_map(|a| a.strip_prefix(&prefix)).collect();
+    assert!(values.len() <= 1, "{flag} given {} times: {args:?}", values.len());
+    values.first().copied()
+}
+
+/// The value of a flag that carries JSON, parsed.
+fn json_flag(args: &[String], name: &str) -> Value {
+    let text = flag(args, name).unwrap_or_else(|| panic!("{name} missing from {args:?}"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"))
+}
+
+/// The flags of admissionPolicy mode; webhook mode passes none of them, but the fallback where the cluster serves
+/// MutatingAdmissionPolicy v1 (the operator then deletes that fallback if admissionPolicy mode left it).
+const ADMISSION_POLICY_FLAGS: [&str; 5] = [
+    "--fallback-webhook-configuration",
+    "--admission-policy-failure-policy",
+    "--admission-policy-namespace-selector",
+    "--admission-policy-object-selector",
+    "--owner-cluster-role",
+];
+
+/// The operator's ClusterRole rules in every mode.
+const OPERATOR_RULES: &[&str] = &[
+    "keepalive.dev keepalivepolicies list",
+    "keepalive.dev keepalivepolicies watch",
+    "keepalive.dev keepalivenodereports list",
+    "keepalive.dev keepalivenodereports watch",
+    "keepalive.dev keepalivenodereports patch",
+    "keepalive.dev keepalivenodereports delete",
+    "keepalive.dev keepalivepolicies/status patch",
+    "core nodes list",
+    "core nodes watch",
+    "node.k8s.io runtimeclasses list",
+    "node.k8s.io runtimeclasses watch",
+    "core pods list",
+    "core pods watch",
+    "core namespaces list",
+    "core namespaces watch",
+    "events.k8s.io events create",
+    "events.k8s.io events patch",
+];
+
+/// The operator's ClusterRole rules: [`OPERATOR_RULES`] and those of the injection mode. In admissionPolicy mode:
+/// the fallback webhook configuration (created, patched, deleted; its caBundle read and watched with self-managed
+/// certificates) and its own ClusterRole (read, the owner). In webhook mode: its webhook configuration's caBundle
+/// (self-managed certificates). Where the cluster serves MutatingAdmissionPolicy v1, in either mode: the policy and
+/// its binding, and in webhook mode the fallback deleted (left from admissionPolicy mode).
+fn operator_rules(admission_policy_mode: bool, map_served: bool, self_managed_certs: bool) -> BTreeSet<String> {
+    let mut rules = set(OPERATOR_RULES);
+    let mwc = "admissionregistration.k8s.io mutatingwebhookconfigurations";
+    let ca_verbs: &[&str] = if self_managed_certs {
+        &["get", "list", "watch"]
+    } else {
+        &[]
+    };
+    if admission_policy_mode {
+        for verb in ca_verbs.iter().chain(&["create", "patch", "delete"]) {
+            rules.insert(format!("{mwc}/{FALLBACK} {verb}"));
+        }
+        rules.insert(format!("rbac.authorization.k8s.io clusterroles/{FULLNAME} get"));
+    } else {
+        if self_managed_certs {
+            for verb in ca_verbs.iter().chain(&["patch"]) {
+                rules.insert(format!("{mwc}/{FULLNAME} {verb}"));
+            }
+        }
+        if map_served {
+            rules.insert(format!("{mwc}/{FALLBACK} delete"));
+        }
+    }
+    if map_served {
+        for resource in ["mutatingadmissionpolicies", "mutatingadmissionpolicybindings"] {
+            for verb in ["create", "patch", "delete"] {
+                rules.insert(format!("admissionregistration.k8s.io {resource}/{POLICIES} {verb}"));
+            }
+        }
+    }
+    rules
+}
+
 #[test]
 fn helm_lint_is_clean() {
     let chart = chart_dir();
@@ -184,6 +295,14 @@ fn a_typo_in_values_fails_with_the_schemas_message() {
         (
             "webhook:\n  objectSelector:\n    matchExpressions: [{key: a, operator: Equals}]\n",
             "value must be one of 'In', 'NotIn', 'Exists', 'DoesNotExist'",
+        ),
+        (
+            "injection:\n  mode: foo\n",
+            "at '/injection/mode': value must be one of 'auto', 'webhook', 'admissionPolicy'",
+        ),
+        (
+            "injection:\n  admissionPolicy:\n    failurePolicy: fail\n",
+            "at '/injection/admissionPolicy/failurePolicy': value must be one of 'Ignore', 'Fail'",
         ),
     ];
     for (i, (values, message)) in cases.iter().enumerate() {
@@ -672,4 +791,217 @@ fn drain_and_server_limits_reach_the_operator() {
     };
     assert!(render("operator.limits.requestTimeoutSeconds=5").contains("must be below webhook.timeoutSeconds"));
     assert!(render("operator.terminationGracePeriodSeconds=5").contains("at least operator.drainSeconds"));
+}
+
+#[test]
+fn injection_mode_auto_follows_the_served_apis() {
+    // A cluster that does not serve MutatingAdmissionPolicy v1 (what helm template assumes without --api-versions,
+    // whatever --kube-version says): webhook mode, the chart's webhook configuration.
+    let webhook_mode = template("1.37.0", &[]);
+    let mwc = find(&webhook_mode, "MutatingWebhookConfiguration", FULLNAME).expect("the webhook configuration");
+    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none(), "{mwc}");
+    let args = rendered_args(&webhook_mode);
+    assert_eq!(flag(&args, "--injection-mode"), Some("webhook"));
+    assert_eq!(flag(&args, "--webhook-configuration"), Some(FULLNAME));
+    // Named in webhook mode too: the operator deletes a policy of that name left by admissionPolicy mode.
+    assert_eq!(flag(&args, "--admission-policy-name"), Some(POLICIES));
+    for absent in ADMISSION_POLICY_FLAGS {
+        assert_eq!(flag(&args, absent), None, "{args:?}");
+    }
+
+    // A cluster that serves it: admissionPolicy mode. No webhook configuration is rendered; the operator gets the
+    // same one, named <fullname>-fallback, to register while some policies do not fit its admission policy.
+    let map_mode = template_map("1.37.0", &[]);
+    let mut expected = kinds(&webhook_mode);
+    expected.remove(&format!("MutatingWebhookConfiguration/{FULLNAME}"));
+    assert_eq!(
+        kinds(&map_mode),
+        expected,
+        "the same objects but the webhook configuration"
+    );
+    let args = rendered_args(&map_mode);
+    assert_eq!(flag(&args, "--injection-mode"), Some("admissionPolicy"));
+    assert_eq!(flag(&args, "--webhook-configuration"), Some(FALLBACK));
+    assert_eq!(flag(&args, "--admission-policy-name"), Some(POLICIES));
+    assert_eq!(flag(&args, "--admission-policy-failure-policy"), Some("Ignore"));
+    assert_eq!(flag(&args, "--owner-cluster-role"), Some(FULLNAME));
+    let mut renamed = mwc.clone();
+    renamed["metadata"]["name"] = json!(FALLBACK);
+    assert_eq!(json_flag(&args, "--fallback-webhook-configuration"), renamed);
+    // The binding sees what the webhook sees: its namespace selector (the release's and the agent's namespaces
+    // excluded) and its object selector.
+    let webhook = &mwc["webhooks"][0];
+    let namespace_selector = json_flag(&args, "--admission-policy-namespace-selector");
+    assert_eq!(namespace_selector, webhook["namespaceSelector"]);
+    assert_eq!(
+        namespace_selector["matchExpressions"][0],
+        json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NS, AGENT_NS]})
+    );
+    assert_eq!(
+        json_flag(&args, "--admission-policy-object-selector"),
+        webhook["objectSelector"]
+    );
+    // Each flag one argument: the JSON values split nothing.
+    assert!(
+        args.iter().all(|a| a == "controller" || a.starts_with("--")),
+        "{args:?}"
+    );
+
+    // Options reach the fallback as they reach the webhook configuration of webhook mode: cert-manager's CA
+    // injection, the URL, annotations, exclusions; an empty object selector is not passed to the binding.
+    let options = [
+        "certManager.enabled=true",
+        "webhook.url=https://10.1.2.3:8443/mutate",
+        "webhook.annotations.team=net",
+        "webhook.objectSelector=null",
+        "webhook.failurePolicy=Fail",
+        "webhook.excludedNamespaces={kube-system,monitoring}",
+        "injection.admissionPolicy.failurePolicy=Fail",
+    ];
+    let webhook_mode = template_map("1.37.0", &[&options[..], &["injection.mode=webhook"]].concat());
+    let mwc = find(&webhook_mode, "MutatingWebhookConfiguration", FULLNAME).unwrap();
+    assert_eq!(
+        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "keepalive-chart/ka-keepalive-operator-webhook"
+    );
+    let args = rendered_args(&template_map("1.37.0", &options));
+    let mut renamed = mwc.clone();
+    renamed["metadata"]["name"] = json!(FALLBACK);
+    assert_eq!(json_flag(&args, "--fallback-webhook-configuration"), renamed);
+    assert_eq!(renamed["webhooks"][0]["failurePolicy"], "Fail");
+    assert_eq!(renamed["metadata"]["annotations"]["team"], "net");
+    assert_eq!(flag(&args, "--admission-policy-failure-policy"), Some("Fail"));
+    assert_eq!(
+        json_flag(&args, "--admission-policy-namespace-selector")["matchExpressions"][0]["values"],
+        json!(["kube-system", "monitoring", NS, AGENT_NS])
+    );
+    assert_eq!(flag(&args, "--admission-policy-object-selector"), None, "{args:?}");
+    assert_eq!(
+        flag(&args, "--tls-cert-file"),
+        Some("/etc/keepalive-operator/tls/tls.crt")
+    );
+}
+
+#[test]
+fn explicit_injection_modes() {
+    // webhook where MutatingAdmissionPolicy is served: the chart's webhook configuration, as on older clusters,
+    // and the fallback named so that the operator deletes it if admissionPolicy mode left it.
+    let objects = template_map("1.37.0", &["injection.mode=webhook"]);
+    let mwc = find(&objects, "MutatingWebhookConfiguration", FULLNAME).expect("the webhook configuration");
+    let args = rendered_args(&objects);
+    assert_eq!(flag(&args, "--injection-mode"), Some("webhook"));
+    assert_eq!(flag(&args, "--webhook-configuration"), Some(FULLNAME));
+    assert_eq!(flag(&args, "--admission-policy-name"), Some(POLICIES));
+    let mut renamed = mwc.clone();
+    renamed["metadata"]["name"] = json!(FALLBACK);
+    assert_eq!(json_flag(&args, "--fallback-webhook-configuration"), renamed);
+    for absent in &ADMISSION_POLICY_FLAGS[1..] {
+        assert_eq!(flag(&args, absent), None, "{args:?}");
+    }
+    // admissionPolicy where it is served.
+    let objects = template_map("1.36.0", &["injection.mode=admissionPolicy"]);
+    assert!(objects.iter().all(|o| o["kind"] != "MutatingWebhookConfiguration"));
+    assert_eq!(
+        flag(&rendered_args(&objects), "--injection-mode"),
+        Some("admissionPolicy")
+    );
+    // admissionPolicy where it is not: refused, naming the value and the API.
+    for kube_version in ["1.30.0", "1.37.0"] {
+        let args = template_args(kube_version, &[], &["injection.mode=admissionPolicy"]);
+        let err = run_helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .expect_err("admissionPolicy mode without MutatingAdmissionPolicy v1");
+        assert!(
+            err.contains("injection.mode is admissionPolicy")
+                && err.contains("does not serve admissionregistration.k8s.io/v1 MutatingAdmissionPolicy"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn operator_rbac_follows_the_injection_mode() {
+    let cluster_role = |objects: &[Value]| rules(find(objects, "ClusterRole", FULLNAME).unwrap());
+    let cert_manager = "certManager.enabled=true";
+    // Webhook mode on a cluster without MutatingAdmissionPolicy v1.
+    assert_eq!(
+        cluster_role(&template("1.35.0", &[])),
+        operator_rules(false, false, true)
+    );
+    assert_eq!(
+        cluster_role(&template("1.35.0", &[cert_manager])),
+        operator_rules(false, false, false)
+    );
+    // Webhook mode on a cluster with it: also the policy, binding and fallback, to delete those of an earlier
+    // admissionPolicy mode.
+    for sets in [
+        &["injection.mode=webhook"][..],
+        &["injection.mode=webhook", cert_manager],
+    ] {
+        let self_managed = sets.len() == 1;
+        assert_eq!(
+            cluster_role(&template_map("1.37.0", sets)),
+            operator_rules(false, true, self_managed),
+            "{sets:?}"
+        );
+    }
+    // admissionPolicy mode.
+    assert_eq!(
+        cluster_role(&template_map("1.37.0", &[])),
+        operator_rules(true, true, true)
+    );
+    assert_eq!(
+        cluster_role(&template_map("1.37.0", &[cert_manager])),
+        operator_rules(true, true, false)
+    );
+    // Spelled out: what each mode adds to the common rules, every rule naming its object.
+    let added = |rules: BTreeSet<String>| -> BTreeSet<String> { &rules - &set(OPERATOR_RULES) };
+    let mwc = "admissionregistration.k8s.io mutatingwebhookconfigurations";
+    let map = "admissionregistration.k8s.io mutatingadmissionpolicies";
+    let binding = "admissionregistration.k8s.io mutatingadmissionpolicybindings";
+    assert_eq!(
+        added(cluster_role(&template_map("1.37.0", &[]))),
+        set(&[
+            &format!("{mwc}/{FALLBACK} get"),
+            &format!("{mwc}/{FALLBACK} list"),
+            &format!("{mwc}/{FALLBACK} watch"),
+            &format!("{mwc}/{FALLBACK} create"),
+            &format!("{mwc}/{FALLBACK} patch"),
+            &format!("{mwc}/{FALLBACK} delete"),
+            &format!("rbac.authorization.k8s.io clusterroles/{FULLNAME} get"),
+            &format!("{map}/{POLICIES} create"),
+            &format!("{map}/{POLICIES} patch"),
+            &format!("{map}/{POLICIES} delete"),
+            &format!("{binding}/{POLICIES} create"),
+            &format!("{binding}/{POLICIES} patch"),
+            &format!("{binding}/{POLICIES} delete"),
+        ])
+    );
+    assert_eq!(
+        added(cluster_role(&template("1.35.0", &[]))),
+        set(&[
+            &format!("{mwc}/{FULLNAME} get"),
+            &format!("{mwc}/{FULLNAME} list"),
+            &format!("{mwc}/{FULLNAME} watch"),
+            &format!("{mwc}/{FULLNAME} patch"),
+        ])
+    );
+    assert_eq!(
+        added(cluster_role(&template_map("1.37.0", &["injection.mode=webhook"]))),
+        set(&[
+            &format!("{mwc}/{FULLNAME} get"),
+            &format!("{mwc}/{FULLNAME} list"),
+            &format!("{mwc}/{FULLNAME} watch"),
+            &format!("{mwc}/{FULLNAME} patch"),
+            &format!("{mwc}/{FALLBACK} delete"),
+            &format!("{map}/{POLICIES} create"),
+            &format!("{map}/{POLICIES} patch"),
+            &format!("{map}/{POLICIES} delete"),
+            &format!("{binding}/{POLICIES} create"),
+            &format!("{binding}/{POLICIES} patch"),
+            &format!("{binding}/{POLICIES} delete"),
+        ])
+    );
+    // The namespaced Role (Lease, Secret) is the same in every mode.
+    let role = |objects: &[Value]| rules(find(objects, "Role", FULLNAME).unwrap());
+    assert_eq!(role(&template_map("1.37.0", &[])), role(&template("1.35.0", &[])));
 }

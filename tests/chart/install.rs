@@ -1,5 +1,10 @@
 //! `helm install` on the real apiserver, upgrade and uninstall; RBAC proven sufficient by running the operator
 //! and the agent with the chart's ServiceAccounts' tokens, and minimal by `kubectl auth can-i`.
+//!
+//! `injection.mode` is left at auto, so helm resolves it from the apiserver's APIs: admissionPolicy where it
+//! serves MutatingAdmissionPolicy v1 (1.36+, the newest version of the matrix), webhook on older ones (1.30, where
+//! `cargo xtask test` runs this suite again). On the former the test also switches to webhook mode, where the
+//! operator deletes what admissionPolicy mode created.
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +46,58 @@ fn admit_pod(ns: &str, name: &str, spec: &Value) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Whether the apiserver serves admissionregistration.k8s.io/v1 MutatingAdmissionPolicy: helm then resolves
+/// `injection.mode: auto` to admissionPolicy.
+fn serves_admission_policy() -> bool {
+    let discovery = cp()
+        .kubectl_output(&["get", "--raw", "/apis/admissionregistration.k8s.io/v1"])
+        .unwrap();
+    let discovery: Value = serde_json::from_str(&discovery).unwrap();
+    discovery["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "mutatingadmissionpolicies")
+}
+
+/// `object` as the apiserver would store it (`kubectl create --dry-run=server`): validated and defaulted.
+fn dry_run_create(object: &Value) -> Value {
+    let file = cp().work_dir().join("dry-run.json");
+    std::fs::write(&file, object.to_string()).unwrap();
+    let out = cp()
+        .kubectl_output(&["create", "--dry-run=server", "-o", "json", "-f", file.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("the apiserver refuses {object}: {e}"));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `object` is owned by the operator's ClusterRole `owner` (as stored), so deleting it garbage-collects `object`.
+fn assert_owned_by(object: &Value, owner: &Value) {
+    let refs = object["metadata"]["ownerReferences"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ownerReferences: {object}"));
+    assert!(
+        refs.iter().any(|r| r["apiVersion"] == "rbac.authorization.k8s.io/v1"
+            && r["kind"] == "ClusterRole"
+            && r["name"] == FULLNAME
+            && r["uid"] == owner["metadata"]["uid"]),
+        "{refs:?}"
+    );
+}
+
+/// A KeepalivePolicy that cannot be compiled into the MutatingAdmissionPolicy: its pod selector needs a CEL
+/// expression longer than the apiserver allows (10 × 256 values of 60 characters). It selects no pod here.
+fn policy_too_long_for_the_admission_policy() -> Value {
+    let values: Vec<String> = (0..256).map(|i| format!("{i:0>60}")).collect();
+    let expressions: Vec<Value> = (0..10)
+        .map(|i| json!({"key": format!("k{i}"), "operator": "In", "values": values}))
+        .collect();
+    json!({
+        "namespaceSelector": {"matchLabels": {"test": "chart-huge"}},
+        "podSelector": {"matchExpressions": expressions},
+        "keepalive": {"time": 61, "interval": 11, "probes": 4},
+    })
+}
+
 fn pod_security_namespace(name: &str, level: &str) {
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name,
         "labels": {"pod-security.kubernetes.io/enforce": level, "pod-security.kubernetes.io/enforce-version": "latest"}}});
@@ -71,6 +128,21 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         "NOTES tell to label the release namespace restricted:\n{out}"
     );
     assert!(out.contains(&format!("runs in namespace {AGENT_NS}")), "{out}");
+    // injection.mode auto, resolved by helm from the apiserver's APIs.
+    let map_mode = serves_admission_policy();
+    let mode = if map_mode { "admissionPolicy" } else { "webhook" };
+    eprintln!("injection mode: {mode}");
+    assert!(
+        out.contains(&format!("Injection mode: {mode} (injection.mode=auto)")),
+        "{out}"
+    );
+    if map_mode {
+        assert!(
+            out.contains(&format!("kubectl get mutatingadmissionpolicies {POLICIES}")),
+            "{out}"
+        );
+        assert!(out.contains("The webhook is registered only as a fallback"), "{out}");
+    }
     // The agent's namespace, created by the chart: Pod Security "privileged" (the release namespace stays
     // "restricted").
     let agent_ns = get("namespace", AGENT_NS, None).expect("the agent's namespace");
@@ -108,8 +180,31 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         assert!(get("crd", crd, None).is_some(), "{crd}");
     }
 
-    // The webhook: defaults that never break a cluster.
-    let mwc = get("mutatingwebhookconfiguration", FULLNAME, None).unwrap();
+    // The webhook: defaults that never break a cluster. In webhook mode the chart's configuration; in
+    // admissionPolicy mode there is none, and the fallback the operator registers when needed is checked as the
+    // apiserver would store it (a server-side dry run: it is valid).
+    let installed_args = cp.container_args("deployment", NS, FULLNAME, &[]).unwrap();
+    assert_eq!(flag(&installed_args, "--injection-mode"), Some(mode));
+    assert_eq!(flag(&installed_args, "--admission-policy-name"), Some(POLICIES));
+    let mwc = if map_mode {
+        assert!(get("mutatingwebhookconfiguration", FULLNAME, None).is_none());
+        assert_eq!(flag(&installed_args, "--webhook-configuration"), Some(FALLBACK));
+        assert_eq!(flag(&installed_args, "--owner-cluster-role"), Some(FULLNAME));
+        assert_eq!(
+            flag(&installed_args, "--admission-policy-failure-policy"),
+            Some("Ignore")
+        );
+        let fallback = json_flag(&installed_args, "--fallback-webhook-configuration");
+        assert_eq!(fallback["metadata"]["name"], FALLBACK);
+        assert!(get("mutatingwebhookconfiguration", FALLBACK, None).is_none());
+        dry_run_create(&fallback)
+    } else {
+        assert_eq!(flag(&installed_args, "--webhook-configuration"), Some(FULLNAME));
+        for absent in ADMISSION_POLICY_FLAGS {
+            assert_eq!(flag(&installed_args, absent), None, "{installed_args:?}");
+        }
+        get("mutatingwebhookconfiguration", FULLNAME, None).unwrap()
+    };
     let webhooks = mwc["webhooks"].as_array().unwrap();
     assert_eq!(webhooks.len(), 1);
     let w = &webhooks[0];
@@ -138,6 +233,19 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         w["objectSelector"],
         json!({"matchExpressions": [{"key": "keepalive.dev/ignore", "operator": "NotIn", "values": ["true"]}]})
     );
+    if map_mode {
+        // The admission policy's binding sees what the webhook sees.
+        assert_eq!(
+            json_flag(&installed_args, "--admission-policy-namespace-selector"),
+            w["namespaceSelector"]
+        );
+        assert_eq!(
+            json_flag(&installed_args, "--admission-policy-object-selector"),
+            w["objectSelector"]
+        );
+    }
+    // The name of the webhook configuration whose caBundle the operator keeps.
+    let webhook_name = if map_mode { FALLBACK } else { FULLNAME };
 
     // The operator Deployment.
     let deployment = get("deployment", FULLNAME, Some(NS)).unwrap();
@@ -153,7 +261,6 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         "--namespace=keepalive-chart",
         "--lease-name=ka-keepalive-operator",
         "--service-name=ka-keepalive-operator",
-        "--webhook-configuration=ka-keepalive-operator",
         "--tls-secret=ka-keepalive-operator-webhook-tls",
         "--admin-listen=0.0.0.0:9090",
         "--listen=0.0.0.0:8443",
@@ -285,34 +392,10 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert!(refused.contains("violates PodSecurity"), "{refused}");
     admit_pod("keepalive-chart-privileged", "agent", &agent_spec).expect("the agent pod under 'privileged'");
 
-    // RBAC objects: exactly these rules.
+    // RBAC objects: exactly these rules (the mode's, see `operator_rules`; the policy and binding because the
+    // apiserver serves them exactly when auto resolved to admissionPolicy).
     let operator_cluster_rules = rules(&get("clusterrole", FULLNAME, None).unwrap());
-    assert_eq!(
-        operator_cluster_rules,
-        set(&[
-            "keepalive.dev keepalivepolicies list",
-            "keepalive.dev keepalivepolicies watch",
-            "keepalive.dev keepalivenodereports list",
-            "keepalive.dev keepalivenodereports watch",
-            "keepalive.dev keepalivenodereports patch",
-            "keepalive.dev keepalivenodereports delete",
-            "keepalive.dev keepalivepolicies/status patch",
-            "core nodes list",
-            "core nodes watch",
-            "node.k8s.io runtimeclasses list",
-            "node.k8s.io runtimeclasses watch",
-            "core pods list",
-            "core pods watch",
-            "core namespaces list",
-            "core namespaces watch",
-            "events.k8s.io events create",
-            "events.k8s.io events patch",
-            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator get",
-            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator list",
-            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator watch",
-            "admissionregistration.k8s.io mutatingwebhookconfigurations/ka-keepalive-operator patch",
-        ])
-    );
+    assert_eq!(operator_cluster_rules, operator_rules(map_mode, map_mode, true));
     assert_eq!(
         rules(&get("role", FULLNAME, Some(NS)).unwrap()),
         set(&[
@@ -352,7 +435,6 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         (&["create", "leases", "-n", NS], true),
         (&["get", "secrets/ka-keepalive-operator-webhook-tls", "-n", NS], true),
         (&["create", "secrets", "-n", NS], true),
-        (&["patch", "mutatingwebhookconfigurations/ka-keepalive-operator"], true),
         // Never: write pods, read other secrets, touch other webhooks or leases, change policies' specs.
         (&["create", "pods", "-n", "default"], false),
         (&["patch", "pods", "-n", "default"], false),
@@ -381,8 +463,55 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         (&["list", "runtimeclasses.node.k8s.io"], true),
         (&["create", "runtimeclasses.node.k8s.io"], false),
     ];
-    for (args, allowed) in operator_checks {
-        assert_eq!(can_i(cp, NS, op, args), *allowed, "operator: can-i {args:?}");
+    let fallback = format!("mutatingwebhookconfigurations/{FALLBACK}");
+    let own = format!("mutatingwebhookconfigurations/{FULLNAME}");
+    let map = format!("mutatingadmissionpolicies.admissionregistration.k8s.io/{POLICIES}");
+    let binding = format!("mutatingadmissionpolicybindings.admissionregistration.k8s.io/{POLICIES}");
+    let owner = format!("clusterroles.rbac.authorization.k8s.io/{FULLNAME}");
+    let mode_checks: Vec<([&str; 2], bool)> = vec![
+        // Its webhook configuration: the chart's (webhook mode) or the fallback (admissionPolicy mode).
+        (["patch", &own], !map_mode),
+        (["watch", &own], !map_mode),
+        (["delete", &own], false),
+        (["create", &fallback], map_mode),
+        (["patch", &fallback], map_mode),
+        (["watch", &fallback], map_mode),
+        (["delete", &fallback], map_mode),
+        // The admission policy and binding of its name, where served; no other.
+        (["create", &map], map_mode),
+        (["patch", &map], map_mode),
+        (["delete", &map], map_mode),
+        (["patch", &binding], map_mode),
+        (["delete", &binding], map_mode),
+        (["get", &map], false),
+        (
+            ["list", "mutatingadmissionpolicies.admissionregistration.k8s.io"],
+            false,
+        ),
+        (
+            ["patch", "mutatingadmissionpolicies.admissionregistration.k8s.io/other"],
+            false,
+        ),
+        (
+            ["create", "mutatingadmissionpolicies.admissionregistration.k8s.io"],
+            false,
+        ),
+        // Its ClusterRole, read to own what it creates; nothing else of RBAC.
+        (["get", &owner], map_mode),
+        (["patch", &owner], false),
+        (["get", "clusterroles.rbac.authorization.k8s.io/admin"], false),
+        (["list", "clusterroles.rbac.authorization.k8s.io"], false),
+    ];
+    for (args, allowed) in operator_checks
+        .iter()
+        .map(|(a, allowed)| (a.to_vec(), *allowed))
+        .chain(mode_checks.iter().map(|(a, allowed)| (a.to_vec(), *allowed)))
+    {
+        assert_eq!(
+            can_i(cp, NS, op, &args),
+            allowed,
+            "operator ({mode} mode): can-i {args:?}"
+        );
     }
     let agent = format!("{FULLNAME}-agent");
     let agent_checks: &[(&[&str], bool)] = &[
@@ -422,16 +551,20 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     .await;
     let ca = secret["data"]["ca.crt"].as_str().unwrap().to_string();
     assert!(secret["data"]["tls.crt"].as_str().is_some_and(|c| !c.is_empty()));
-    let ca_bundle = || {
-        get("mutatingwebhookconfiguration", FULLNAME, None).unwrap()["webhooks"][0]["clientConfig"]["caBundle"]
-            .as_str()
+    // The caBundle of a webhook configuration ("" when it does not exist).
+    let ca_bundle_of = |name: &str| {
+        get("mutatingwebhookconfiguration", name, None)
+            .and_then(|c| c["webhooks"][0]["clientConfig"]["caBundle"].as_str().map(String::from))
             .unwrap_or_default()
-            .to_string()
     };
-    eventually(Duration::from_secs(30), "the caBundle set by the operator", || async {
-        (ca_bundle() == ca).then_some(())
-    })
-    .await;
+    let ca_bundle = || ca_bundle_of(webhook_name);
+    if !map_mode {
+        eventually(Duration::from_secs(30), "the caBundle set by the operator", || async {
+            (ca_bundle() == ca).then_some(())
+        })
+        .await;
+    }
+    // In admissionPolicy mode, no fallback while no policy needs it (checked below, with one that does).
     // It elected itself through the chart's Lease.
     eventually(Duration::from_secs(30), "the operator holding the Lease", || async {
         let lease = get("lease", FULLNAME, Some(NS))?;
@@ -470,12 +603,19 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         np["spec"]["egress"],
         json!([{"to": [{"ipBlock": {"cidr": "127.0.0.1/32"}}], "ports": [{"port": 6443, "protocol": "TCP"}]}])
     );
-    let w = get("mutatingwebhookconfiguration", FULLNAME, None).unwrap()["webhooks"][0].clone();
+    let args = operator_args(port, admin_port);
+    let w = if map_mode {
+        assert!(get("mutatingwebhookconfiguration", FULLNAME, None).is_none());
+        json_flag(&args, "--fallback-webhook-configuration")["webhooks"][0].clone()
+    } else {
+        get("mutatingwebhookconfiguration", FULLNAME, None).unwrap()["webhooks"][0].clone()
+    };
     assert_eq!(w["clientConfig"]["url"], format!("https://127.0.0.1:{port}/mutate"));
     assert!(w["clientConfig"]["service"].is_null(), "{w}");
-    assert_eq!(ca_bundle(), ca, "helm upgrade keeps the caBundle the operator set");
+    if !map_mode {
+        assert_eq!(ca_bundle(), ca, "helm upgrade keeps the caBundle the operator set");
+    }
 
-    let args = operator_args(port, admin_port);
     assert!(args.contains(&"--tls-extra-sans=127.0.0.1".to_string()), "{args:?}");
     let mut operator = HostProcess::spawn(cp, "chart-operator-2", &args, &kubeconfig);
     operator.wait_ready(admin_port);
@@ -492,9 +632,12 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         },
     )
     .await;
-    assert_eq!(ca_bundle(), ca);
+    if !map_mode {
+        assert_eq!(ca_bundle(), ca);
+    }
 
-    // Through the chart's webhook configuration, a pod gets its sysctls; the leader writes the policy's status.
+    // Through the chart's webhook configuration (webhook mode) or the operator's admission policy, a pod gets its
+    // sysctls; the leader writes the policy's status.
     namespace(&client, "keepalive-chart-apps", &[("test", "chart")]).await;
     create_policy(
         &client,
@@ -506,7 +649,7 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         kube::Api::namespaced(client.clone(), "keepalive-chart-apps");
     eventually(
         Duration::from_secs(20),
-        "a pod mutated through the chart's webhook",
+        "a pod mutated through the chart's webhook or the admission policy",
         || async {
             let pod = create_pod(&client, "keepalive-chart-apps", "app", json!({}))
                 .await
@@ -530,6 +673,77 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     )
     .await;
     assert_never_forbidden(&operator);
+
+    if map_mode {
+        // The leader compiled the policies into the admission policy and its binding: the chart's names and
+        // selectors, owned by the operator's ClusterRole (helm uninstall deletes it, the garbage collector them).
+        let owner = get("clusterrole", FULLNAME, None).unwrap();
+        let policy = eventually(Duration::from_secs(30), "the MutatingAdmissionPolicy", || async {
+            get("mutatingadmissionpolicy", POLICIES, None)
+        })
+        .await;
+        assert_eq!(policy["spec"]["failurePolicy"], "Ignore");
+        let binding = eventually(Duration::from_secs(30), "its binding", || async {
+            get("mutatingadmissionpolicybinding", POLICIES, None)
+        })
+        .await;
+        assert_eq!(binding["spec"]["policyName"], POLICIES);
+        assert_eq!(
+            binding["spec"]["matchResources"]["namespaceSelector"],
+            json_flag(&args, "--admission-policy-namespace-selector")
+        );
+        assert_eq!(
+            binding["spec"]["matchResources"]["objectSelector"],
+            json_flag(&args, "--admission-policy-object-selector")
+        );
+        assert_owned_by(&policy, &owner);
+        assert_owned_by(&binding, &owner);
+        assert!(
+            get("mutatingwebhookconfiguration", FALLBACK, None).is_none(),
+            "no fallback webhook while every policy fits the admission policy"
+        );
+        // A policy that does not fit: the operator registers the fallback, sets its caBundle, and deletes it when
+        // the policy is gone.
+        create_policy(&client, "chart-huge", policy_too_long_for_the_admission_policy()).await;
+        let stored = eventually(
+            Duration::from_secs(30),
+            "the fallback webhook configuration with its caBundle",
+            || async {
+                let mwc = get("mutatingwebhookconfiguration", FALLBACK, None)?;
+                (mwc["webhooks"][0]["clientConfig"]["caBundle"] == ca.as_str()).then_some(mwc)
+            },
+        )
+        .await;
+        let given = json_flag(&args, "--fallback-webhook-configuration");
+        assert_eq!(stored["metadata"]["labels"], given["metadata"]["labels"]);
+        for field in [
+            "name",
+            "namespaceSelector",
+            "objectSelector",
+            "rules",
+            "failurePolicy",
+            "timeoutSeconds",
+        ] {
+            assert_eq!(stored["webhooks"][0][field], given["webhooks"][0][field], "{field}");
+        }
+        assert_eq!(
+            stored["webhooks"][0]["clientConfig"]["url"],
+            format!("https://127.0.0.1:{port}/mutate")
+        );
+        assert_owned_by(&stored, &owner);
+        cp.kubectl_output(&["delete", "keepalivepolicy", "chart-huge"]).unwrap();
+        eventually(
+            Duration::from_secs(30),
+            "the fallback webhook configuration deleted",
+            || async {
+                get("mutatingwebhookconfiguration", FALLBACK, None)
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_never_forbidden(&operator);
+    }
 
     // --- sufficient: the agent with its ServiceAccount's token and the DaemonSet's args ----------------------
     // The token kubelet gives an agent pod on `chart-node` (bound to the pod, naming its node), which the chart's
@@ -573,6 +787,66 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     assert_never_forbidden(&agent_process);
     drop(agent_process);
     assert_never_forbidden(&operator);
+
+    if map_mode {
+        // --- back to webhook mode: the chart's webhook configuration returns; the operator deletes the admission
+        // policy, its binding and a fallback left from admissionPolicy mode.
+        create_policy(&client, "chart-huge", policy_too_long_for_the_admission_policy()).await;
+        eventually(
+            Duration::from_secs(30),
+            "the fallback webhook configuration",
+            || async { get("mutatingwebhookconfiguration", FALLBACK, None) },
+        )
+        .await;
+        operator.stop();
+        let out = helm_ok(&[
+            "upgrade",
+            RELEASE,
+            chart,
+            "--namespace",
+            NS,
+            "--reuse-values",
+            "--set=injection.mode=webhook",
+        ]);
+        assert!(
+            out.contains("Injection mode: webhook (injection.mode=webhook)"),
+            "{out}"
+        );
+        assert!(get("mutatingwebhookconfiguration", FULLNAME, None).is_some());
+        assert_eq!(
+            rules(&get("clusterrole", FULLNAME, None).unwrap()),
+            operator_rules(false, true, true)
+        );
+        let args = operator_args(port, admin_port);
+        assert_eq!(flag(&args, "--injection-mode"), Some("webhook"));
+        assert_eq!(flag(&args, "--webhook-configuration"), Some(FULLNAME));
+        // The fallback named, for the operator to delete.
+        assert_eq!(
+            json_flag(&args, "--fallback-webhook-configuration")["metadata"]["name"],
+            FALLBACK
+        );
+        assert_eq!(flag(&args, "--owner-cluster-role"), None);
+        let mut operator = HostProcess::spawn(cp, "chart-operator-3", &args, &kubeconfig);
+        operator.wait_ready(admin_port);
+        eventually(
+            Duration::from_secs(30),
+            "admissionPolicy mode's objects deleted",
+            || async {
+                (get("mutatingadmissionpolicy", POLICIES, None).is_none()
+                    && get("mutatingadmissionpolicybinding", POLICIES, None).is_none()
+                    && get("mutatingwebhookconfiguration", FALLBACK, None).is_none())
+                .then_some(())
+            },
+        )
+        .await;
+        eventually(Duration::from_secs(30), "the caBundle set by the operator", || async {
+            (ca_bundle_of(FULLNAME) == ca).then_some(())
+        })
+        .await;
+        cp.kubectl_output(&["delete", "keepalivepolicy", "chart-huge"]).unwrap();
+        assert_never_forbidden(&operator);
+        operator.stop();
+    }
     operator.stop();
 
     // --- uninstall: everything of the release goes; CRDs, policies and reports stay ------------------------
@@ -598,6 +872,9 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         ("serviceaccount", FULLNAME, Some(NS)),
         ("role", FULLNAME, Some(NS)),
         ("mutatingwebhookconfiguration", FULLNAME, None),
+        ("mutatingwebhookconfiguration", FALLBACK, None),
+        ("mutatingadmissionpolicy", POLICIES, None),
+        ("mutatingadmissionpolicybinding", POLICIES, None),
         ("clusterrole", FULLNAME, None),
         ("clusterrole", "ka-keepalive-operator-agent", None),
         ("clusterrolebinding", FULLNAME, None),

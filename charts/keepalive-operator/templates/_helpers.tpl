@@ -92,3 +92,111 @@ app.kubernetes.io/component: agent
 {{- define "keepalive.agentUsername" -}}
 {{- printf "system:serviceaccount:%s:%s" (include "keepalive.agentNamespace" .) (include "keepalive.agentServiceAccountName" .) }}
 {{- end }}
+
+{{/* Whether the cluster serves admissionregistration.k8s.io/v1 MutatingAdmissionPolicy (Kubernetes 1.36+). */}}
+{{- define "keepalive.servesAdmissionPolicy" -}}
+{{- if .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy" }}true{{ end }}
+{{- end }}
+
+{{/* The injection mode, resolved: "webhook" or "admissionPolicy" (injection.mode auto: admissionPolicy where the
+cluster serves MutatingAdmissionPolicy v1). */}}
+{{- define "keepalive.injectionMode" -}}
+{{- $mode := .Values.injection.mode | default "auto" }}
+{{- $served := include "keepalive.servesAdmissionPolicy" . }}
+{{- if eq $mode "auto" }}
+{{- ternary "admissionPolicy" "webhook" (eq $served "true") }}
+{{- else if and (eq $mode "admissionPolicy") (ne $served "true") }}
+{{- fail "injection.mode is admissionPolicy, but this cluster does not serve admissionregistration.k8s.io/v1 MutatingAdmissionPolicy (Kubernetes 1.36 or newer): set injection.mode to webhook or auto (helm template: add --api-versions admissionregistration.k8s.io/v1/MutatingAdmissionPolicy for such a cluster)" }}
+{{- else }}
+{{- $mode }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the MutatingAdmissionPolicy and of its binding, created by the operator in admissionPolicy mode. */}}
+{{- define "keepalive.admissionPolicyName" -}}
+{{- printf "%s-policies" (include "keepalive.fullname" .) }}
+{{- end }}
+
+{{/* Name of the fallback MutatingWebhookConfiguration the operator registers in admissionPolicy mode. */}}
+{{- define "keepalive.fallbackWebhookName" -}}
+{{- printf "%s-fallback" (include "keepalive.fullname" .) }}
+{{- end }}
+
+{{/* The namespaces the webhook and the admission policy never see, as a JSON list: webhook.excludedNamespaces, the
+release namespace and the agent's (webhook.excludeReleaseNamespace). */}}
+{{- define "keepalive.excludedNamespaces" -}}
+{{- $w := .Values.webhook }}
+{{- $excluded := $w.excludedNamespaces | default list }}
+{{- if and $w.excludeReleaseNamespace (not (has .Release.Namespace $excluded)) }}
+{{- $excluded = append $excluded .Release.Namespace }}
+{{- end }}
+{{- if and $w.excludeReleaseNamespace .Values.agent.enabled (not (has (include "keepalive.agentNamespace" .) $excluded)) }}
+{{- $excluded = append $excluded (include "keepalive.agentNamespace" .) }}
+{{- end }}
+{{- toJson $excluded }}
+{{- end }}
+
+{{/* The namespace selector of the webhook and of the admission policy's binding, as JSON: webhook.namespaceSelector
+with the exclusions first in its matchExpressions. */}}
+{{- define "keepalive.namespaceSelector" -}}
+{{- $excluded := include "keepalive.excludedNamespaces" . | fromJsonArray }}
+{{- $nsSelector := deepCopy (.Values.webhook.namespaceSelector | default dict) }}
+{{- if $excluded }}
+{{- $exclusion := dict "key" "kubernetes.io/metadata.name" "operator" "NotIn" "values" $excluded }}
+{{- $_ := set $nsSelector "matchExpressions" (prepend ($nsSelector.matchExpressions | default list) $exclusion) }}
+{{- end }}
+{{- toJson $nsSelector }}
+{{- end }}
+
+{{/* The MutatingWebhookConfiguration of the operator's webhook, named .name (context: dict "root" $ "name" name):
+rendered by the chart in webhook mode, handed to the operator as its fallback in admissionPolicy mode. No caBundle:
+the operator (self-managed certificates) or cert-manager's CA injector sets it. */}}
+{{- define "keepalive.mutatingWebhookConfiguration" -}}
+{{- $root := .root -}}
+{{- $fullname := include "keepalive.fullname" $root -}}
+{{- $w := $root.Values.webhook -}}
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "keepalive.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: webhook
+  {{- if or $root.Values.certManager.enabled $w.annotations }}
+  annotations:
+    {{- if $root.Values.certManager.enabled }}
+    cert-manager.io/inject-ca-from: {{ printf "%s/%s" $root.Release.Namespace (include "keepalive.certificateName" $root) }}
+    {{- end }}
+    {{- with $w.annotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+webhooks:
+  - name: pods.keepalive.dev
+    admissionReviewVersions: [v1]
+    clientConfig:
+      {{- if $w.url }}
+      url: {{ $w.url | quote }}
+      {{- else }}
+      service:
+        name: {{ $fullname }}
+        namespace: {{ $root.Release.Namespace }}
+        path: /mutate
+        port: {{ $root.Values.service.port }}
+      {{- end }}
+    rules:
+      - operations: [CREATE]
+        apiGroups: [""]
+        apiVersions: [v1]
+        resources: [pods]
+        scope: Namespaced
+    failurePolicy: {{ $w.failurePolicy }}
+    matchPolicy: Equivalent
+    sideEffects: None
+    timeoutSeconds: {{ $w.timeoutSeconds }}
+    reinvocationPolicy: {{ $w.reinvocationPolicy }}
+    namespaceSelector:
+      {{- include "keepalive.namespaceSelector" $root | fromJson | toYaml | nindent 6 }}
+    objectSelector:
+      {{- toYaml ($w.objectSelector | default dict) | nindent 6 }}
+{{- end }}
