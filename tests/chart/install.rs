@@ -715,7 +715,10 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         )
         .await;
         let given = json_flag(&args, "--fallback-webhook-configuration");
-        assert_eq!(stored["metadata"]["labels"], given["metadata"]["labels"]);
+        // The chart's labels, but managed by the operator, not by Helm.
+        let mut labels = given["metadata"]["labels"].clone();
+        labels["app.kubernetes.io/managed-by"] = json!("keepalive-operator");
+        assert_eq!(stored["metadata"]["labels"], labels);
         for field in [
             "name",
             "namespaceSelector",

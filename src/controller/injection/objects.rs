@@ -12,7 +12,11 @@ use kube::{
 use serde_json::Value;
 
 use super::{BACKSTOP, Fallback, InjectionArgs};
-use crate::{controller::leader::Leadership, policy::admission_policy::AdmissionPolicy};
+use crate::{
+    api::OPERATOR_MANAGER,
+    controller::leader::Leadership,
+    policy::admission_policy::{self, AdmissionPolicy},
+};
 
 /// The field manager of everything written here (apart from the caBundle, which the certificate manager owns).
 pub const INJECTION_MANAGER: &str = "keepalive-operator-injection";
@@ -151,6 +155,8 @@ impl Objects {
     async fn apply_fallback(&self, leading: &Leadership, owner: &Option<Value>) -> Result<()> {
         let Some(fallback) = &self.fallback else { return Ok(()) };
         let mut object = fallback.object.clone();
+        // Whoever rendered it (a chart), the operator manages this object.
+        object["metadata"]["labels"][admission_policy::MANAGED_BY_LABEL] = OPERATOR_MANAGER.into();
         if let Some(owner) = owner {
             object["metadata"]["ownerReferences"] = Value::from(vec![owner.clone()]);
         }
