@@ -470,13 +470,9 @@ fn demo(hold: bool) -> Result<()> {
     let admission_policy = format!("{FULLNAME}-policies");
     let args_line = args.join(" ");
     if args_line.contains("--injection-mode=admissionPolicy") {
-        wait_for("the operator to write its MutatingAdmissionPolicy", || {
-            cp.kubectl_output(&["get", "mutatingadmissionpolicybinding", &admission_policy])
-                .is_ok()
-        })?;
         eprintln!(
-            "    injection mode admissionPolicy: the apiserver mutates pods itself (MutatingAdmissionPolicy \
-             {admission_policy}); no webhook on the pod-creation path"
+            "    injection mode admissionPolicy: the apiserver will mutate pods itself (MutatingAdmissionPolicy \
+             {admission_policy}, written once there are policies); no webhook on the pod-creation path"
         );
     } else {
         wait_for("the operator to set the webhook's caBundle", || {
@@ -505,7 +501,14 @@ fn demo(hold: bool) -> Result<()> {
     let examples = tools::repo_root().join("examples");
     step("Applying the example policies (examples/)");
     print!("{}", cp.kubectl_output(&["apply", "-f", examples.to_str().unwrap()])?);
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    if args_line.contains("--injection-mode=admissionPolicy") {
+        wait_for("the operator to write its MutatingAdmissionPolicy and binding", || {
+            cp.kubectl_output(&["get", "mutatingadmissionpolicybinding", &admission_policy])
+                .is_ok()
+        })?;
+    }
+    // The apiserver loads new admission policies (and the webhook its caches) within about a second.
+    std::thread::sleep(std::time::Duration::from_secs(2));
 
     step("Sample pods: matching, matching with its own value (Fill), hostNetwork, opted out");
     let pod = |ns: &str, name: &str, extra: &str| {
