@@ -22,7 +22,9 @@
 #    injection mode `auto` is admissionPolicy on 1.37: a MutatingAdmissionPolicy and binding by the operator, no
 #    webhook configuration, and a pod created while the operator is scaled to 0 gets the policy's sysctls (its
 #    kernel holds them) and conforms; after `helm upgrade --set injection.mode=webhook` the operator has removed the
-#    admission policy and a pod created while it is scaled to 0 is reported NotMutated; a static pod
+#    admission policy and a pod created while it is scaled to 0 is reported NotMutated (at the end, back in
+#    admissionPolicy mode, `helm uninstall` leaves no admission policy: the garbage collector removes it with the
+#    operator's ClusterRole, its owner); a static pod
 #    (a manifest in the kubelet's staticPodPath) reported by its config hash and counted live-verified; pods
 #    created in a loop through a `kubectl rollout restart` of the operator's 2 replicas: none rejected, none
 #    without its sysctls (the replicas drain on SIGTERM); the node's kubelet is the newest version of
@@ -673,6 +675,31 @@ nd="$(nd_status)"
 kubectl delete namespace "$DNS" --wait=false >/dev/null
 kubectl delete pod -n "$PLAIN_NS" nd-own --wait=false >/dev/null
 kubectl delete keepalivepolicy e2e-node-defaults >/dev/null
+
+# --- helm uninstall in admissionPolicy mode: the garbage collector removes what the operator created ----------------
+# The operator's objects are owned by its ClusterRole; uninstalling deletes the ClusterRole (and the operator with
+# it), and kube-controller-manager's garbage collector deletes the admission policy and binding. A policy nobody
+# updates any more must not keep mutating pods.
+stage="helm uninstall"
+t=$SECONDS
+helm upgrade keepalive "$root/charts/keepalive-operator" -n "$REL_NS" --reuse-values --set injection.mode=auto \
+  --wait --timeout 180s >/dev/null
+deadline=$((SECONDS + 60))
+until kubectl get mutatingadmissionpolicybinding "$map_name" >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || break
+  sleep 1
+done
+owner="$(kubectl get mutatingadmissionpolicy "$map_name" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}' 2>/dev/null || true)"
+helm uninstall keepalive -n "$REL_NS" --wait --timeout 120s >/dev/null
+deadline=$((SECONDS + 90))
+while kubectl get mutatingadmissionpolicy "$map_name" >/dev/null 2>&1 || kubectl get mutatingadmissionpolicybinding "$map_name" >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || break
+  sleep 2
+done
+if [[ $owner == "ClusterRole/$fullname" ]] && ! kubectl get mutatingadmissionpolicy "$map_name" >/dev/null 2>&1 &&
+  ! kubectl get mutatingadmissionpolicybinding "$map_name" >/dev/null 2>&1; then
+  pass "helm uninstall (admissionPolicy mode): admission policy and binding, owned by ClusterRole/$fullname, garbage-collected ($((SECONDS - t)) s)"
+else fail "helm uninstall: owner '$owner'; admission policy or binding $map_name still there"; fi
 
 stage="done"
 say "e2e took $((SECONDS - t_start)) s"
