@@ -28,7 +28,10 @@ use super::{
 };
 use crate::{
     controller::conformance::Injection,
-    policy::admission_policy::{self, CompileOptions, FailurePolicy},
+    policy::{
+        PolicySet,
+        admission_policy::{self, AdmissionPolicy, CompileOptions, FailurePolicy},
+    },
     webhook::Lookup,
 };
 
@@ -205,7 +208,11 @@ pub struct Injector {
     objects: Objects,
     report: watch::Sender<Arc<Report>>,
     metrics: ControllerMetrics,
+    /// The last set compiled (this term), and what it gave.
+    compiled: Option<(Arc<PolicySet>, Arc<CompileOutput>)>,
 }
+
+type CompileOutput = (AdmissionPolicy, BTreeMap<String, String>, Option<String>);
 
 impl Injector {
     pub fn new(
@@ -224,6 +231,7 @@ impl Injector {
             objects,
             report,
             metrics,
+            compiled: None,
         }
     }
 
@@ -248,6 +256,7 @@ impl Injector {
     /// Never returns; dropped when the lead ends.
     async fn lead(&mut self, leading: &Leadership) {
         self.objects.forget();
+        self.compiled = None;
         let owner = self.owner().await;
         let mut changes = self.caches.subscribe();
         let mut last_not_compiled: Option<BTreeMap<String, String>> = None;
@@ -292,33 +301,23 @@ impl Injector {
     /// Compiles and writes; returns when to look again and the policies left out.
     async fn sync(&mut self, leading: &Leadership, owner: &Option<Value>) -> (Duration, Compiled) {
         let set = self.caches.policies();
-        let options = CompileOptions {
-            name: self.args.admission_policy_name.clone(),
-            failure_policy: self.args.admission_policy_failure_policy,
-            excluded_namespaces: Vec::new(),
-            namespace_selector: self.args.admission_policy_namespace_selector.clone(),
-            object_selector: self.args.admission_policy_object_selector.clone(),
-            owner_references: owner.iter().cloned().collect(),
-            max_object_bytes: self.args.admission_policy_max_bytes,
-        };
-        let (compiled, not_compiled, detail) = match admission_policy::compile(&set, &options) {
-            Ok(compiled) => (compiled, BTreeMap::new(), None),
-            Err(e) => {
-                let left_out = e
-                    .not_compiled
-                    .iter()
-                    .map(|(n, why)| (n.clone(), why.to_string()))
-                    .collect();
-                let detail = e.to_string();
-                (*e.partial, left_out, Some(detail))
+        // Namespace changes wake this too; the policy set (and so the compiled objects) is often the same.
+        let cached = self.compiled.as_ref().filter(|(last, _)| Arc::ptr_eq(last, &set));
+        let output = match cached {
+            Some((_, output)) => output.clone(),
+            None => {
+                let output = Arc::new(self.compile(&set, owner));
+                self.compiled = Some((set.clone(), output.clone()));
+                output
             }
         };
+        let (compiled, not_compiled, detail) = (&output.0, output.1.clone(), output.2.clone());
         let fallback = self.args.fallback_webhook_configuration.as_ref();
         let written = self
             .objects
             .write(
                 leading,
-                (!set.is_empty()).then_some(&compiled),
+                (!set.is_empty()).then_some(compiled),
                 !not_compiled.is_empty(),
                 owner,
             )
@@ -358,6 +357,31 @@ impl Injector {
             error,
         });
         (wake, Compiled { not_compiled, detail })
+    }
+
+    /// The objects for `set`, the policies left out (and why), and the compiler's message about them.
+    fn compile(&self, set: &PolicySet, owner: &Option<Value>) -> CompileOutput {
+        let options = CompileOptions {
+            name: self.args.admission_policy_name.clone(),
+            failure_policy: self.args.admission_policy_failure_policy,
+            excluded_namespaces: Vec::new(),
+            namespace_selector: self.args.admission_policy_namespace_selector.clone(),
+            object_selector: self.args.admission_policy_object_selector.clone(),
+            owner_references: owner.iter().cloned().collect(),
+            max_object_bytes: self.args.admission_policy_max_bytes,
+        };
+        match admission_policy::compile(set, &options) {
+            Ok(compiled) => (compiled, BTreeMap::new(), None),
+            Err(e) => {
+                let left_out = e
+                    .not_compiled
+                    .iter()
+                    .map(|(n, why)| (n.clone(), why.to_string()))
+                    .collect();
+                let detail = e.to_string();
+                (*e.partial, left_out, Some(detail))
+            }
+        }
     }
 
     fn publish(&self, report: Report) {
