@@ -101,6 +101,12 @@ pub const MAX_VIOLATION_MESSAGE_CHARS: usize = 1024;
         json_path = ".status.connectionCoverage",
         description = "established connections of the matched pods with keepalive armed / all established"
     ),
+    printcolumn(
+        name = "Protected",
+        type_ = "string",
+        json_path = ".status.protectedConnections",
+        description = "connections whose first keepalive probe leaves before the idle timeout / connections read per socket"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new(
@@ -254,6 +260,11 @@ pub struct KeepalivePolicyStatus {
     /// `connections` as "with keepalive/established", for the printer column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_coverage: Option<String>,
+    /// Connections that will probe before the idle timeout (by the sysctls or by the application's own socket
+    /// settings) / connections the agents read per socket, for the printer column. Absent while no agent reads
+    /// sockets one by one (see the node reports' `connectionReading`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_connections: Option<String>,
     /// Non-conformant matched pods, by reason (NotMutated, PodOverride, HostNetwork, LiveMismatch, Unverified, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub violation_counts: BTreeMap<String, i32>,
@@ -270,12 +281,40 @@ pub struct KeepalivePolicyStatus {
     pub last_evaluated: Option<Time>,
 }
 
-/// Established connections and those with the keepalive timer armed.
+/// Established connections and those with the keepalive timer armed; where the agents read sockets one by one,
+/// each connection classified against the policy's `idleTimeoutSeconds` (without one: its `keepalive.time`).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionCounts {
     pub established: i64,
     pub keepalive: i64,
+    /// Connections read per socket (the classes below add up to it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub classified: i64,
+    /// Armed, and the first probe leaves before the idle timeout by the namespace's sysctl.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub protected: i64,
+    /// Armed, and the socket's own TCP_KEEPIDLE makes the first probe leave before the idle timeout, whatever
+    /// the sysctls (Go's runtime, Envoy, gRPC and the JVM set their own).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub protected_by_app: i64,
+    /// Armed, but the first probe leaves at or after the idle timeout: the load balancer drops it first.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub armed_too_late: i64,
+    /// No SO_KEEPALIVE: no sysctl makes these probe.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unarmed: i64,
+    /// Connections with TCP_USER_TIMEOUT, which bounds how long unacknowledged data waits for a dead peer.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub user_timeout: i64,
+    /// Worst case, over the armed connections, of seconds from the last packet until an idle dead peer is
+    /// noticed (idle + interval × probes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_dead_peer_seconds: Option<i64>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// One pod that does not conform to its policy.
@@ -352,6 +391,9 @@ pub struct KeepaliveNodeReportSpec {
     /// The node's own values, which hostNetwork pods run with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_sysctls: Option<LiveKeepalive>,
+    /// How the agent read the connections: socket by socket, or only counted (and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_reading: Option<ConnectionReading>,
     #[serde(default)]
     #[schemars(range(min = 0, max = 2000))]
     pub verified_pods: i32,
@@ -406,6 +448,10 @@ pub struct PodLiveReport {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub keepalive: i32,
+    /// The connections read socket by socket (absent where the agent only counts them): their effective
+    /// keepalive settings and the weakest destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<SocketSummary>,
     /// When these values were first read (they are rewritten only when they change).
     pub read_at: Time,
     /// Why the pod could not be read (no process, namespace owned by a user namespace of the pod, unreadable
@@ -413,6 +459,101 @@ pub struct PodLiveReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub error: Option<String>,
+}
+
+/// How a node's agent read connections.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionReading {
+    pub method: ConnectionMethod,
+    /// Why the agent fell back to counting, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub message: Option<String>,
+}
+
+/// How a node's agent read connections.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionMethod {
+    /// Every established TCP socket read by a BPF iterator: SO_KEEPALIVE, the socket's own keepalive values,
+    /// TCP_USER_TIMEOUT, addresses and process.
+    PerSocket,
+    /// Only counted (established, SO_KEEPALIVE armed), by sock_diag or the pods' socket descriptors.
+    Counts,
+}
+
+/// Most distinct keepalive settings one pod entry lists (the rest are merged, pessimistically, into the last).
+pub const MAX_SOCKET_GROUPS: usize = 8;
+/// Most destinations one pod entry lists.
+pub const MAX_WEAK_DESTINATIONS: usize = 5;
+
+/// A pod's established connections, read socket by socket, grouped by their effective keepalive settings.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketSummary {
+    /// Connections with the same effective settings, most connections first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub groups: Vec<SocketGroup>,
+    /// The weakest destinations: connections without SO_KEEPALIVE first, then those that probe last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub weakest: Vec<Destination>,
+}
+
+/// Connections of a pod with the same effective keepalive settings.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketGroup {
+    #[schemars(range(min = 1))]
+    pub connections: i32,
+    /// SO_KEEPALIVE is on. Without it the values below are not used (and are 0).
+    pub keepalive: bool,
+    /// Where the idle time comes from: the socket's own TCP_KEEPIDLE, or the namespace's sysctl.
+    pub idle_from: KeepaliveSource,
+    /// Effective seconds idle before the first probe.
+    #[schemars(range(min = 0))]
+    pub idle_seconds: i32,
+    /// Effective seconds between probes.
+    #[schemars(range(min = 0))]
+    pub interval_seconds: i32,
+    /// Effective unanswered probes before the connection is dropped.
+    #[schemars(range(min = 0))]
+    pub probes: i32,
+    /// TCP_USER_TIMEOUT in milliseconds (0: not set).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub user_timeout_ms: i64,
+    /// Smaller groups merged into this one, with the longest idle, interval and count among them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merged: bool,
+}
+
+/// Whose value a socket's keepalive idle time is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeepaliveSource {
+    /// The socket's own TCP_KEEPIDLE (set by the application or its runtime).
+    Socket,
+    /// The network namespace's `net.ipv4.tcp_keepalive_time`.
+    Sysctl,
+}
+
+/// Connections of a pod to one remote address from one process, with the same keepalive.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    /// Remote address and port, as `10.0.3.4:5432` or `[fd00::1]:443`.
+    #[schemars(length(max = 64))]
+    pub remote: String,
+    /// The command name of a process holding the connections.
+    #[schemars(length(max = 16))]
+    pub process: String,
+    pub keepalive: bool,
+    /// Effective seconds idle before the first probe (0 without SO_KEEPALIVE).
+    #[schemars(range(min = 0))]
+    pub idle_seconds: i32,
+    #[schemars(range(min = 1))]
+    pub connections: i32,
 }
 
 /// The generated node report CRD as YAML, as committed under `crds/` and the chart's `crds/`.

@@ -218,7 +218,8 @@ async fn policy_status_joins_the_live_readings() {
         s.connections,
         Some(keepalive_operator::api::ConnectionCounts {
             established: 10,
-            keepalive: 3
+            keepalive: 3,
+            ..Default::default()
         })
     );
     let report = Api::<KeepaliveNodeReport>::all(client.clone())

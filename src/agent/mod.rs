@@ -6,6 +6,7 @@
 //! is alive. Entries of pods that left the node disappear with the next write.
 
 mod admin;
+pub mod connections;
 pub mod kernel;
 mod metrics;
 pub mod reader;
@@ -200,6 +201,7 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
                     scan_interval_seconds: i32::try_from(args.scan_interval_seconds).unwrap_or(i32::MAX),
                     node_sysctls: scan.node,
+                    connection_reading: scan.connection_reading.clone(),
                     verified_pods: pod_reports.iter().filter(|r| r.sysctls.is_some()).count() as i32,
                     unverified_pods: pod_reports.iter().filter(|r| r.sysctls.is_none()).count() as i32,
                     pods: pod_reports,
@@ -260,6 +262,7 @@ fn without_counts(spec: &KeepaliveNodeReportSpec) -> KeepaliveNodeReportSpec {
             .map(|p| PodLiveReport {
                 established: 0,
                 keepalive: 0,
+                sockets: None,
                 read_at: Time(Timestamp::UNIX_EPOCH),
                 ..p.clone()
             })
@@ -280,6 +283,7 @@ mod tests {
             heartbeat_seconds: 60,
             scan_interval_seconds: 10,
             node_sysctls: None,
+            connection_reading: None,
             verified_pods: 1,
             unverified_pods: 0,
             pods: vec![super::scanner::tests::reading(established, at, time)],

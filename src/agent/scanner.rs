@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::kernel::{self, Dump, PodProcesses, ProcessRef, ReadError};
-use crate::api::{LiveKeepalive, MAX_READ_ERROR_CHARS, MAX_REPORT_PODS, PodLiveReport};
+use crate::api::{ConnectionReading, LiveKeepalive, MAX_READ_ERROR_CHARS, MAX_REPORT_PODS, PodLiveReport};
 
 /// How the agent counts a pod's established connections and those with keepalive armed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +66,8 @@ pub struct ScanStats {
 pub struct Scan {
     /// The node's own values (hostNetwork pods run with them).
     pub node: Option<LiveKeepalive>,
+    /// How connections were read.
+    pub connection_reading: Option<ConnectionReading>,
     /// One entry per pod, sorted by UID.
     pub pods: Vec<PodLiveReport>,
     pub stats: ScanStats,
@@ -283,6 +285,7 @@ impl Scanner {
                 sysctls: None,
                 established: 0,
                 keepalive: 0,
+                sockets: None,
                 read_at: now.clone(),
                 error: None,
             };
@@ -315,6 +318,7 @@ impl Scanner {
         }
         Scan {
             node,
+            connection_reading: None,
             pods: reports,
             stats,
         }
@@ -545,6 +549,7 @@ pub(super) mod tests {
             }),
             established,
             keepalive: 0,
+            sockets: None,
             read_at: Time(Timestamp::from_second(at).unwrap()),
             error: None,
         }

@@ -5,6 +5,7 @@
 //! [`PolicySet`], the namespace's labels, the pod and the [`ClusterFacts`].
 
 pub mod admission_policy;
+pub mod connection;
 mod index;
 mod patch;
 mod reason;

@@ -32,10 +32,13 @@ pub enum Reason {
     Unverified,
     /// Conformant by spec, waiting for the first live reading.
     AwaitingLiveReading,
+    /// The kernel holds the policy's values, but some of the pod's connections will not send a keepalive probe
+    /// before the idle timeout (no SO_KEEPALIVE, or the socket's own idle time is too long).
+    ConnectionsUnprotected,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::NoPolicy,
         Reason::NamespaceIgnored,
         Reason::PodIgnored,
@@ -49,6 +52,7 @@ impl Reason {
         Reason::LiveMismatch,
         Reason::Unverified,
         Reason::AwaitingLiveReading,
+        Reason::ConnectionsUnprotected,
     ];
 
     /// The reason a wire string names (as read back from a status).
@@ -72,6 +76,7 @@ impl Reason {
             Reason::LiveMismatch => "LiveMismatch",
             Reason::Unverified => "Unverified",
             Reason::AwaitingLiveReading => "AwaitingLiveReading",
+            Reason::ConnectionsUnprotected => "ConnectionsUnprotected",
         }
     }
 }

@@ -37,9 +37,12 @@ pub use self::{
 use crate::{
     api::{
         ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_VIOLATION_MESSAGE_CHARS,
-        MAX_VIOLATIONS, Violation,
+        MAX_VIOLATIONS, SocketSummary, Violation,
     },
-    policy::{self, ClusterFacts, Kubelet, PolicyEntry, PolicySet, Reason, Verdict},
+    policy::{
+        self, ClusterFacts, Kubelet, PolicyEntry, PolicySet, Reason, Verdict,
+        connection::{Classes, IdleBound},
+    },
     runtime::watch::Index,
 };
 
@@ -70,6 +73,8 @@ pub struct PodReading {
     pub sysctls: Option<LiveKeepalive>,
     pub established: u32,
     pub keepalive: u32,
+    /// The connections read socket by socket, where the agent does.
+    pub sockets: Option<Arc<SocketSummary>>,
     pub error: Option<Arc<str>>,
 }
 
@@ -100,6 +105,7 @@ impl NodeLive {
                         sysctls: p.sysctls,
                         established: p.established.max(0) as u32,
                         keepalive: p.keepalive.max(0) as u32,
+                        sockets: p.sockets.clone().map(Arc::new),
                         error: p.error.as_deref().map(Arc::from),
                     };
                     (parse_uid(&p.uid), reading)
@@ -133,7 +139,15 @@ struct Owned {
     policy: Arc<str>,
     reason: Option<Reason>,
     verified: bool,
-    connections: Option<(u32, u32)>,
+    connections: Option<PodConnections>,
+}
+
+/// A pod's connections as read by its node's agent: counted, and classified where read socket by socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PodConnections {
+    established: u32,
+    keepalive: u32,
+    classes: Option<Classes>,
 }
 
 /// The judgement of one pod against the policy that owns it.
@@ -141,7 +155,7 @@ struct Judgement<'p> {
     policy: &'p PolicyEntry,
     verdict: Verdict,
     verified: bool,
-    connections: Option<(u32, u32)>,
+    connections: Option<PodConnections>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -153,6 +167,10 @@ struct Tally {
     read: i32,
     established: i64,
     keepalive: i64,
+    /// The connections classified per socket, by class.
+    classes: ConnectionCounts,
+    /// Pods by their worst dead-peer time (a multiset: pods come and go).
+    dead_peer: BTreeMap<i64, u32>,
     by_reason: BTreeMap<Reason, i32>,
     /// Non-conformant pods, sorted: the first ones become the status' violations.
     violating: BTreeSet<PodKey>,
@@ -360,14 +378,27 @@ impl Conformance {
             }
         }
         let reading = node.pods.get(&pod.uid);
-        judgement.connections = reading
-            .filter(|r| r.sysctls.is_some())
-            .map(|r| (r.established, r.keepalive));
+        let bound = IdleBound::from_policy(&entry.spec);
+        judgement.connections = reading.filter(|r| r.sysctls.is_some()).map(|r| PodConnections {
+            established: r.established,
+            keepalive: r.keepalive,
+            classes: r.sockets.as_deref().map(|s| Classes::of(s, bound)),
+        });
         match (reading.and_then(|r| r.sysctls), &judgement.verdict) {
             // The kernel holds the policy's values: conformant, whatever the spec says.
             (Some(live), _) if policy::live_differences(wanted, &live).is_empty() => {
-                judgement.verdict = Verdict::Conformant;
                 judgement.verified = true;
+                // The values are right; whether the connections will survive is the sockets' business.
+                judgement.verdict = match reading
+                    .and_then(|r| r.sockets.as_deref())
+                    .and_then(|s| policy::connection::unprotected_message(s, bound))
+                {
+                    Some(message) => Verdict::Violation {
+                        reason: Reason::ConnectionsUnprotected,
+                        message: format!("{message} (read by the agent on node {node_name})"),
+                    },
+                    None => Verdict::Conformant,
+                };
             }
             (Some(live), Verdict::Conformant) => {
                 judgement.verdict = Verdict::Violation {
@@ -426,10 +457,20 @@ impl Conformance {
         if owned.verified {
             tally.live_verified += sign;
         }
-        if let Some((established, keepalive)) = owned.connections {
+        if let Some(c) = owned.connections {
             tally.read += sign;
-            tally.established += i64::from(sign) * i64::from(established);
-            tally.keepalive += i64::from(sign) * i64::from(keepalive);
+            tally.established += i64::from(sign) * i64::from(c.established);
+            tally.keepalive += i64::from(sign) * i64::from(c.keepalive);
+            if let Some(classes) = c.classes {
+                classes.add_to(&mut tally.classes, i64::from(sign));
+                if let Some(worst) = classes.worst_dead_peer_seconds {
+                    let n = tally.dead_peer.entry(worst).or_default();
+                    *n = n.saturating_add_signed(sign);
+                    if *n == 0 {
+                        tally.dead_peer.remove(&worst);
+                    }
+                }
+            }
         }
         match owned.reason {
             None => tally.conformant += sign,
@@ -742,6 +783,8 @@ impl Conformance {
             connections: (tally.read > 0).then_some(ConnectionCounts {
                 established: tally.established,
                 keepalive: tally.keepalive,
+                worst_dead_peer_seconds: tally.dead_peer.last_key_value().map(|(s, _)| *s),
+                ..tally.classes
             }),
             by_reason: tally.by_reason.clone(),
             violations,

@@ -159,6 +159,10 @@ pub fn status(
         connection_coverage: summary
             .connections
             .map(|c| format!("{}/{}", c.keepalive, c.established)),
+        protected_connections: summary
+            .connections
+            .filter(|c| c.classified > 0)
+            .map(|c| format!("{}/{}", c.protected + c.protected_by_app, c.classified)),
         violation_counts: summary.by_reason.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
         conditions,
         violations: summary.violations.clone(),

@@ -197,6 +197,7 @@ fn status_conditions_and_transition_times() {
         connections: Some(ConnectionCounts {
             established: 10,
             keepalive: 4,
+            ..ConnectionCounts::default()
         }),
     };
     let s2 = status(
@@ -257,6 +258,7 @@ fn reading(time: i32, established: u32, keepalive: u32) -> PodReading {
         }),
         established,
         keepalive,
+        sockets: None,
         error: None,
     }
 }
@@ -299,6 +301,7 @@ fn live_readings_decide_once_a_fresh_report_exists() {
         sysctls: None,
         established: 0,
         keepalive: 0,
+        sockets: None,
         error: Some("no process of the pod found on the host".into()),
     };
     c.set_node_report(
@@ -333,7 +336,8 @@ fn live_readings_decide_once_a_fresh_report_exists() {
         s.connections,
         Some(ConnectionCounts {
             established: 7,
-            keepalive: 4
+            keepalive: 4,
+            ..ConnectionCounts::default()
         })
     );
     let message = |name: &str| s.violations.iter().find(|v| v.name == name).unwrap().message.clone();
@@ -601,4 +605,84 @@ fn told_that_kubelets_allow_the_sysctls_no_pod_is_kubelet_too_old() {
     c.upsert_pod(on_node(pod("a", "p", &[], Some("60")), "old", 1));
     let s = c.summary("all").unwrap();
     assert_eq!((s.matched, s.conformant), (1, 1));
+}
+
+#[test]
+fn connections_are_judged_against_the_idle_timeout_and_the_worst_named() {
+    use crate::api::{Destination, KeepaliveSource, SocketGroup, SocketSummary};
+    let now = Timestamp::from_second(1_000_000).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[("lb", json!({"idleTimeoutSeconds": 350}))]));
+    let group = |connections, keepalive, idle, idle_from| SocketGroup {
+        connections,
+        keepalive,
+        idle_from,
+        idle_seconds: idle,
+        interval_seconds: 15,
+        probes: 9,
+        user_timeout_ms: 0,
+        merged: false,
+    };
+    let go_client = SocketSummary {
+        groups: vec![group(5, true, 15, KeepaliveSource::Socket)],
+        weakest: vec![],
+    };
+    let java = SocketSummary {
+        groups: vec![
+            group(12, false, 0, KeepaliveSource::Sysctl),
+            group(2, true, 60, KeepaliveSource::Sysctl),
+        ],
+        weakest: vec![Destination {
+            remote: "10.0.3.4:5432".into(),
+            process: "java".into(),
+            keepalive: false,
+            idle_seconds: 0,
+            connections: 12,
+        }],
+    };
+    let with = |summary: &SocketSummary, established| PodReading {
+        sockets: Some(Arc::new(summary.clone())),
+        ..reading(60, established, established)
+    };
+    c.upsert_pod(on_node(pod("a", "go", &[], Some("60")), "n1", 1));
+    c.upsert_pod(on_node(pod("a", "java", &[], Some("60")), "n1", 2));
+    c.upsert_pod(on_node(pod("a", "counted", &[], Some("60")), "n1", 3));
+    c.set_node_report(
+        "n1",
+        node_live(
+            now.as_second(),
+            60,
+            vec![(1, with(&go_client, 5)), (2, with(&java, 14)), (3, reading(60, 3, 1))],
+        ),
+        now,
+    );
+    let s = c.summary("lb").unwrap();
+    // All three hold the policy's values; java's connections will not all survive the load balancer.
+    assert_eq!((s.matched, s.conformant, s.live_verified), (3, 2, 3));
+    assert_eq!(s.by_reason, [(Reason::ConnectionsUnprotected, 1)].into());
+    let counts = s.connections.unwrap();
+    assert_eq!(
+        (
+            counts.established,
+            counts.classified,
+            counts.protected,
+            counts.protected_by_app,
+            counts.unarmed
+        ),
+        (22, 19, 2, 5, 12)
+    );
+    assert_eq!(counts.worst_dead_peer_seconds, Some(60 + 15 * 9));
+    assert_eq!(
+        s.violations[0].message,
+        "12 of 14 connections will not send a keepalive probe before the 350 s idle timeout: 12 connections to \
+         10.0.3.4:5432 from java have no SO_KEEPALIVE (read by the agent on node n1)"
+    );
+    assert_consistent(&mut c);
+
+    // The pod goes: its connections leave the tallies (the worst dead-peer time with them).
+    c.remove_pod(&(Arc::from("a"), Arc::from("java")));
+    c.remove_pod(&(Arc::from("a"), Arc::from("go")));
+    let counts = c.summary("lb").unwrap().connections.unwrap();
+    assert_eq!((counts.classified, counts.worst_dead_peer_seconds), (0, None));
+    assert_consistent(&mut c);
 }
