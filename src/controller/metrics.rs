@@ -5,7 +5,10 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
-use crate::{policy::Reason, runtime::metrics::Registry};
+use crate::{
+    policy::{Reason, connection::Protection},
+    runtime::metrics::Registry,
+};
 
 /// A watch-driven cache: the `cache` label.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -101,6 +104,12 @@ struct PodStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    policy: String,
+    class: Protection,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: WriteOutcome,
 }
@@ -110,6 +119,7 @@ struct OutcomeLabels {
 pub struct ControllerMetrics {
     cache_objects: Family<CacheLabels, Gauge>,
     policy_pods: Family<PodStateLabels, Gauge>,
+    policy_connections: Family<ConnectionLabels, Gauge>,
     pub reconcile_duration: Histogram,
     status_writes: Family<OutcomeLabels, Counter>,
     pub leader: Gauge,
@@ -123,6 +133,7 @@ impl ControllerMetrics {
         let metrics = ControllerMetrics {
             cache_objects: Family::default(),
             policy_pods: Family::default(),
+            policy_connections: Family::default(),
             reconcile_duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
                 1e-4, 3.0, 10,
             )),
@@ -154,6 +165,12 @@ impl ControllerMetrics {
         );
         registry.register("policy_pods", "Pods per policy and state", metrics.policy_pods.clone());
         registry.register(
+            "policy_connections",
+            "Established connections of a policy's pods read socket by socket, by class against the policy's idle \
+             timeout (protected, protectedByApp, armedTooLate, unarmed)",
+            metrics.policy_connections.clone(),
+        );
+        registry.register(
             "reconcile_duration_seconds",
             "Time of one status pass",
             metrics.reconcile_duration.clone(),
@@ -182,6 +199,15 @@ impl ControllerMetrics {
                 state,
             })
             .set(i64::from(n));
+    }
+
+    pub fn policy_connections(&self, policy: &str, class: Protection, n: i64) {
+        self.policy_connections
+            .get_or_create(&ConnectionLabels {
+                policy: policy.into(),
+                class,
+            })
+            .set(n);
     }
 
     pub fn injection_policies(&self, way: Way, n: usize) {

@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
-    policy::{ClusterFacts, Reason},
+    policy::{ClusterFacts, Reason, connection::Protection},
     runtime::watch::{Index, Relist},
 };
 
@@ -436,6 +436,16 @@ impl StatusWriter {
         set(PodState::Matched, summary.matched);
         set(PodState::Conformant, summary.conformant);
         set(PodState::LiveVerified, summary.live_verified);
+        let counts = summary.connections.unwrap_or_default();
+        for class in Protection::ALL {
+            let n = match class {
+                Protection::Protected => counts.protected,
+                Protection::ProtectedByApp => counts.protected_by_app,
+                Protection::ArmedTooLate => counts.armed_too_late,
+                Protection::Unarmed => counts.unarmed,
+            };
+            self.metrics.policy_connections(policy, class, n);
+        }
         for (reason, n) in &summary.by_reason {
             set(PodState::Reason(*reason), *n);
         }
