@@ -219,6 +219,7 @@ fn hostile_pods_are_bounded_and_the_others_read_exactly() {
         max_sockets: 50_000,
         max_processes: 1_000,
         deadline,
+        ..Budgets::default()
     };
     let mut scanner =
         Scanner::with_counting("/proc".into(), std::process::id(), Counting::SockDiag, 1).with_budgets(budgets);

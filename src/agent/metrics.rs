@@ -81,6 +81,8 @@ pub struct AgentMetrics {
     over_budget: Family<BudgetLabels, Gauge>,
     /// Scans whose deadline left pods due for counting uncounted.
     pub scans_over_deadline: Counter,
+    per_socket: Gauge,
+    sockets_read: Gauge,
 }
 
 impl AgentMetrics {
@@ -96,7 +98,20 @@ impl AgentMetrics {
             report_writes: Family::default(),
             over_budget: Family::default(),
             scans_over_deadline: Counter::default(),
+            per_socket: Gauge::default(),
+            sockets_read: Gauge::default(),
         };
+        registry.register(
+            "per_socket",
+            "Whether the last scan read connections socket by socket (1) or only counted them (0; the node \
+             report's connectionReading says why)",
+            metrics.per_socket.clone(),
+        );
+        registry.register(
+            "sockets_read",
+            "Established TCP sockets the last per-socket pass read on the node",
+            metrics.sockets_read.clone(),
+        );
         registry.register(
             "scan_duration_seconds",
             "Time of one scan of the node's pods",
@@ -119,6 +134,13 @@ impl AgentMetrics {
             metrics.scans_over_deadline.clone(),
         );
         metrics
+    }
+
+    /// The last scan's per-socket pass: sockets read, or `None` when there was none.
+    pub fn per_socket(&self, sockets_read: Option<usize>) {
+        self.per_socket.set(i64::from(sockets_read.is_some()));
+        self.sockets_read
+            .set(sockets_read.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     }
 
     pub fn over_budget(&self, budget: Budget, n: usize) {

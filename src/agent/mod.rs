@@ -65,8 +65,10 @@ pub struct AgentArgs {
     /// counts alone wait for it. At least the scan interval.
     #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), default_value_t = 60)]
     pub heartbeat_seconds: u64,
-    /// How connections are counted: sock-diag (read-only, like `ss`) or socket-fds (faster; see the README).
-    #[arg(long, env = "KEEPALIVE_COUNT_CONNECTIONS", value_enum, default_value_t = Counting::SockDiag)]
+    /// How connections are read: per-socket (every socket's effective keepalive, by a BPF iterator; read-only),
+    /// sock-diag (only counted, read-only, like `ss`) or socket-fds (only counted; see the README). Where
+    /// per-socket cannot load (no BTF, BPF denied), the agent counts with sock-diag and says why in its report.
+    #[arg(long, env = "KEEPALIVE_COUNT_CONNECTIONS", value_enum, default_value_t = Counting::PerSocket)]
     pub count_connections: Counting,
     /// With sock-diag, each pod's connections are recounted at least every this many scans (the dumps of a scan
     /// are spread so): 3 with 10 s scans keeps counts at most 30 s old.
@@ -76,6 +78,10 @@ pub struct AgentArgs {
     /// its sysctls still are, and it is tried again only every 10th time it is due.
     #[arg(long, env = "KEEPALIVE_MAX_SOCKETS_PER_POD", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 50_000)]
     pub max_sockets_per_pod: u32,
+    /// A per-socket pass reads at most this many sockets of the node (a node with more is only counted that scan,
+    /// and its report says so).
+    #[arg(long, env = "KEEPALIVE_MAX_SOCKETS_PER_SCAN", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 500_000)]
+    pub max_sockets_per_scan: u32,
     /// Processes of one pod beyond this many are not examined (no stat, no descriptor walk); the pod's entry says
     /// so, its sysctls are still read through its oldest process examined.
     #[arg(long, env = "KEEPALIVE_MAX_PROCESSES_PER_POD", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 1_000)]
@@ -107,6 +113,7 @@ impl AgentArgs {
             max_sockets: self.max_sockets_per_pod,
             max_processes: self.max_processes_per_pod as usize,
             deadline: Duration::from_secs_f64(deadline),
+            max_node_sockets: self.max_sockets_per_scan as usize,
         }
     }
 
@@ -190,6 +197,7 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                 metrics.scan_duration.observe(started.elapsed().as_secs_f64());
                 metrics.over_budget(Budget::Sockets, scan.stats.over_sockets);
                 metrics.over_budget(Budget::Processes, scan.stats.over_processes);
+                metrics.per_socket(scan.stats.sockets_read);
                 if scan.stats.uncounted > 0 {
                     metrics.scans_over_deadline.inc();
                     tracing::info!(uncounted = scan.stats.uncounted, "scan deadline reached: the others are counted first next scan");

@@ -10,12 +10,22 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::kernel::{self, Dump, PodProcesses, ProcessRef, ReadError};
-use crate::api::{ConnectionReading, LiveKeepalive, MAX_READ_ERROR_CHARS, MAX_REPORT_PODS, PodLiveReport};
+use super::{
+    connections::{Observed, Summarizer},
+    kernel::{self, Dump, PodProcesses, ProcessRef, ReadError, bpf},
+};
+use crate::api::{
+    ConnectionMethod, ConnectionReading, LiveKeepalive, MAX_READ_ERROR_CHARS, MAX_REPORT_PODS, PodLiveReport,
+    SocketSummary,
+};
 
-/// How the agent counts a pod's established connections and those with keepalive armed.
+/// How the agent reads a pod's established connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Counting {
+    /// Every TCP socket of the node, socket by socket, in one pass of a BPF iterator: SO_KEEPALIVE, the socket's
+    /// own keepalive values, TCP_USER_TIMEOUT, the remote end and the process. Read-only. Needs BTF and Linux
+    /// 5.11; where it cannot load, the agent counts with sock-diag and says why in the report.
+    PerSocket,
     /// A sock_diag dump of the pod's network namespace, as `ss` does: read-only. Each dump walks the kernel's
     /// connection table, which all namespaces share, so dumps are spread over scans (`--count-every-scans`).
     SockDiag,
@@ -35,6 +45,8 @@ pub struct Budgets {
     /// Connection counting stops once the scan has taken this long; the pods not counted keep their previous
     /// counts and come first next scan.
     pub deadline: Duration,
+    /// A per-socket pass reads at most this many sockets of the node; a node with more is only counted.
+    pub max_node_sockets: usize,
 }
 
 impl Default for Budgets {
@@ -43,6 +55,7 @@ impl Default for Budgets {
             max_sockets: 50_000,
             max_processes: 1_000,
             deadline: Duration::from_secs(8),
+            max_node_sockets: 500_000,
         }
     }
 }
@@ -59,6 +72,8 @@ pub struct ScanStats {
     pub over_processes: usize,
     /// Pods due for counting that the deadline left uncounted.
     pub uncounted: usize,
+    /// Sockets the per-socket pass read (`None`: no pass this scan).
+    pub sockets_read: Option<usize>,
 }
 
 /// One scan's result.
@@ -103,6 +118,18 @@ pub struct Scanner {
     budgets: Budgets,
     scans: u64,
     counts: HashMap<String, CountState>,
+    /// The BPF socket reader, when connections are read per socket.
+    sockets: Option<bpf::SocketReader>,
+    /// How connections are read, and why not per socket when they are not.
+    reading: ConnectionReading,
+}
+
+/// A pod's connections as met in a per-socket pass.
+struct PodSockets {
+    /// `None` once the pod had more sockets than the per-pod budget.
+    summary: Option<Summarizer>,
+    established: u32,
+    keepalive: u32,
 }
 
 /// What became of one pod's count in a scan.
@@ -125,6 +152,28 @@ impl Scanner {
             tracing::warn!("this kernel has no pidfd_getfd (before 5.6): counting connections with sock_diag");
             counting = Counting::SockDiag;
         }
+        let mut reading = ConnectionReading {
+            method: ConnectionMethod::Counts,
+            message: None,
+        };
+        let mut sockets = None;
+        if counting == Counting::PerSocket {
+            match bpf::SocketReader::load() {
+                Ok(reader) => {
+                    tracing::info!(hz = reader.hz(), "reading connections per socket (BPF iterator)");
+                    reading.method = ConnectionMethod::PerSocket;
+                    sockets = Some(reader);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read connections per socket: counting them with sock_diag");
+                    reading.message = Some(truncate_chars(
+                        &format!("per-socket reading unavailable, connections only counted: {e}"),
+                        MAX_READ_ERROR_CHARS,
+                    ));
+                    counting = Counting::SockDiag;
+                }
+            }
+        }
         Scanner {
             proc_root,
             node_pid,
@@ -135,7 +184,14 @@ impl Scanner {
             budgets: Budgets::default(),
             scans: 0,
             counts: HashMap::new(),
+            sockets,
+            reading,
         }
+    }
+
+    /// How connections are read.
+    pub fn connection_reading(&self) -> &ConnectionReading {
+        &self.reading
     }
 
     pub fn with_budgets(mut self, budgets: Budgets) -> Self {
@@ -223,10 +279,41 @@ impl Scanner {
         let sysctls: Vec<Option<Result<LiveKeepalive, ReadError>>> =
             parallel(&pods, |(uid, ..)| self.pods.get(uid).map(|h| h.sysctls()));
 
-        // Connections: the pods due, oldest first, until the deadline.
+        // Connections, per socket: one pass over the node's sockets for all pods whose values were read.
+        let mut reading = self.reading.clone();
+        let mut stats = ScanStats::default();
+        let mut per_socket: Option<HashMap<&str, PodSockets>> = None;
+        if let Some(reader) = self.sockets.as_mut() {
+            let targets: Vec<(&str, u64, LiveKeepalive)> = pods
+                .iter()
+                .zip(&sysctls)
+                .filter_map(|((uid, ..), values)| {
+                    let live = values.as_ref()?.as_ref().ok()?;
+                    Some((uid.as_str(), self.pods.get(uid)?.inode, *live))
+                })
+                .collect();
+            match per_socket_pass(reader, &targets, &self.budgets) {
+                Ok((found, read)) => {
+                    stats.sockets_read = Some(read);
+                    per_socket = Some(found);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "per-socket pass failed: counting connections this scan");
+                    reading = ConnectionReading {
+                        method: ConnectionMethod::Counts,
+                        message: Some(truncate_chars(
+                            &format!("per-socket pass failed, connections only counted this scan: {e}"),
+                            MAX_READ_ERROR_CHARS,
+                        )),
+                    };
+                }
+            }
+        }
+
+        // Connections, counted: the pods due, oldest first, until the deadline.
         let readable = pods
             .iter()
-            .filter(|(uid, ..)| self.pods.contains_key(uid))
+            .filter(|(uid, ..)| per_socket.is_none() && self.pods.contains_key(uid))
             .map(|(uid, ..)| (uid.as_str(), self.counts.get(uid).copied()));
         let due = pods_due(readable, self.counting_every(), scan);
         let by_uid: HashMap<&str, &PodProcesses<ProcessRef>> =
@@ -266,10 +353,8 @@ impl Scanner {
         }
 
         let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
-        let mut stats = ScanStats {
-            uncounted,
-            ..ScanStats::default()
-        };
+        stats.uncounted = uncounted;
+        let mut per_socket = per_socket;
         let mut reports = Vec::with_capacity(pods.len());
         for ((uid, pod, _), sysctls) in pods.iter().zip(sysctls) {
             let mut problems = Vec::new();
@@ -295,7 +380,23 @@ impl Scanner {
                 None => {}
             }
             problems.extend(errors.remove(uid).unwrap_or_default());
-            if report.sysctls.is_some() {
+            if let (Some(_), Some(found)) = (report.sysctls, per_socket.as_mut()) {
+                // A pod the pass did not meet holds no established connection.
+                let sockets = found.remove(uid.as_str());
+                report.established = sockets.as_ref().map_or(0, |s| i32::try_from(s.established).unwrap_or(i32::MAX));
+                report.keepalive = sockets.as_ref().map_or(0, |s| i32::try_from(s.keepalive).unwrap_or(i32::MAX));
+                match sockets.map(|s| s.summary) {
+                    None => report.sockets = Some(SocketSummary::default()),
+                    Some(Some(summary)) => report.sockets = Some(summary.finish()),
+                    Some(None) => {
+                        stats.over_sockets += 1;
+                        problems.push(format!(
+                            "connections counted, not classified: more than {} sockets (--max-sockets-per-pod)",
+                            self.budgets.max_sockets
+                        ));
+                    }
+                }
+            } else if report.sysctls.is_some() {
                 let state = self.counts.get(uid).copied().unwrap_or_default();
                 if state.over_budget {
                     stats.over_sockets += 1;
@@ -318,7 +419,7 @@ impl Scanner {
         }
         Scan {
             node,
-            connection_reading: None,
+            connection_reading: Some(reading),
             pods: reports,
             stats,
         }
@@ -346,7 +447,8 @@ impl Scanner {
                 kernel::count_held_connections(&self.proc_root, &pod.pids, max, belongs)
                     .or_else(|_| handle.connections_within(max))
             }
-            Counting::SockDiag => handle.connections_within(max),
+            // PerSocket here: its pass failed this scan.
+            Counting::SockDiag | Counting::PerSocket => handle.connections_within(max),
         };
         match dump {
             Ok(Dump::Counted(c)) => Counted::Done(c),
@@ -363,6 +465,55 @@ impl Scanner {
         }
         self.node.as_ref()?.sysctls().ok()
     }
+}
+
+/// One pass of the BPF reader over the node's sockets, each established socket added to the pod whose network
+/// namespace holds it (`targets`: pod UID, namespace inode, its sysctls); sockets of other namespaces (the
+/// node's, hostNetwork pods', pods not read) are skipped. Returns the pods met and how many sockets were read.
+fn per_socket_pass<'a>(
+    reader: &mut bpf::SocketReader,
+    targets: &[(&'a str, u64, LiveKeepalive)],
+    budgets: &Budgets,
+) -> Result<(HashMap<&'a str, PodSockets>, usize), String> {
+    let by_netns: HashMap<u64, (&'a str, LiveKeepalive)> =
+        targets.iter().map(|(uid, inode, live)| (*inode, (*uid, *live))).collect();
+    let mut found: HashMap<&'a str, PodSockets> = HashMap::new();
+    let max = budgets.max_sockets;
+    let visited = reader
+        .visit(budgets.max_node_sockets, |socket| {
+            let Some((uid, live)) = by_netns.get(&socket.netns) else {
+                return;
+            };
+            let pod = found.entry(uid).or_insert_with(|| PodSockets {
+                summary: Some(Summarizer::new(*live)),
+                established: 0,
+                keepalive: 0,
+            });
+            pod.established = pod.established.saturating_add(1);
+            pod.keepalive = pod.keepalive.saturating_add(u32::from(socket.keepalive));
+            if pod.established > max {
+                pod.summary = None;
+            }
+            if let Some(summary) = pod.summary.as_mut() {
+                summary.add(&Observed {
+                    keepalive: socket.keepalive,
+                    idle_seconds: socket.own.idle_seconds,
+                    interval_seconds: socket.own.interval_seconds,
+                    probes: socket.own.probes.map(u32::from),
+                    user_timeout_ms: socket.user_timeout_ms,
+                    remote: socket.remote,
+                    process: &socket.comm,
+                });
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    if visited.truncated {
+        return Err(format!(
+            "more than {} sockets on the node (--max-sockets-per-scan)",
+            budgets.max_node_sockets
+        ));
+    }
+    Ok((found, visited.sockets))
 }
 
 /// Opens a handle on the network namespace of a pod's sandbox, unless a user namespace other than the host's owns
