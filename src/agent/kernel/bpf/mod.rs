@@ -165,6 +165,9 @@ fn describe(what: &str, error: &dyn std::error::Error) -> String {
         }
         source = e.source();
     }
+    // aya appends the verifier's log, empty when the kernel refused before verifying.
+    let trimmed = text.trim_end().trim_end_matches("Verifier output:").trim_end();
+    text.truncate(trimmed.trim_end_matches('.').len());
     if text.len() > MAX {
         let mut cut = text.len() - MAX;
         while !text.is_char_boundary(cut) {
