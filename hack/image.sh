@@ -21,8 +21,8 @@
 #   KEEPALIVE_IMAGE_NAME     image name inside the archive (default keepalive-operator:<binary's version>)
 #   KEEPALIVE_IMAGE_OUT      archive path (default <cache>/images/keepalive-operator.oci.tar)
 #
-# Needs buildah (Debian package `buildah`); when it is missing and this runs as root with apt-get, it is
-# installed.
+# Needs buildah and clang (Debian packages `buildah` and `clang`); when one is missing and this runs as root with
+# apt-get, it is installed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -70,8 +70,20 @@ ensure_buildah() {
   command -v buildah >/dev/null || die "buildah is not installed (Debian: apt-get install buildah)"
 }
 
+# The agent's BPF program is compiled by build.rs with clang (CLANG names another compiler).
+ensure_clang() {
+  command -v "${CLANG:-clang}" >/dev/null && return
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing clang (apt-get)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends clang >&2
+  fi
+  command -v "${CLANG:-clang}" >/dev/null || die "clang is not installed (Debian: apt-get install clang)"
+}
+
 # --- 1. the static binary ----------------------------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo is not installed"
+ensure_clang
 if ! rustup target list --installed 2>/dev/null | grep -x "$target" >/dev/null; then
   [[ $(rustc -vV | sed -n 's/^host: //p') == "$target" ]] || die "the Rust target $target is not installed"
 fi

@@ -70,14 +70,23 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Debian packages the tests and the demo use, installed when missing: `ip netns` and `sysctl` for the node-side
-/// tests, buildah for the image (`hack/image.sh`; no container engine or OCI runtime needed).
+/// Debian packages the tests and the demo use, installed when missing: `ip netns`, `ss` and `sysctl` for the
+/// node-side tests, buildah for the image (`hack/image.sh`; no container engine or OCI runtime needed), clang for
+/// the agent's BPF program (build.rs; `CLANG` names another compiler).
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("sysctl", "procps"), ("buildah", "buildah")]
-        .iter()
-        .filter(|(tool, _)| !which(tool))
-        .map(|(_, package)| *package)
-        .collect();
+    let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
+    let mut missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("sysctl", "procps"),
+        ("buildah", "buildah"),
+        (clang.as_str(), "clang"),
+    ]
+    .iter()
+    .filter(|(tool, _)| !which(tool))
+    .map(|(_, package)| *package)
+    .collect();
+    missing.dedup();
     if !missing.is_empty() {
         step(&format!("Installing {} (apt-get)", missing.join(", ")));
         run(Command::new("apt-get").arg("update").arg("-q"))?;

@@ -12,6 +12,7 @@
 //! across scans reads the pod again without entering it (entering costs about a millisecond: the kernel rebuilds
 //! its /proc/sys entries for every namespace switch).
 
+pub mod bpf;
 mod cgroup;
 mod pidfd;
 mod sock_diag;
