@@ -507,3 +507,99 @@ fn forge(
         }
     }
 }
+
+#[test]
+fn per_socket_scans_read_each_connections_effective_keepalive() {
+    use keepalive_operator::{
+        api::{ConnectionMethod, KeepaliveSource, SocketGroup},
+        policy::connection::{Classes, IdleBound},
+    };
+    use xtask::sandbox::set_int_option;
+
+    let s = Sandbox::new(
+        "classes",
+        "c1a55e55-1234-4234-8234-123456789012",
+        Layout::CgroupfsBurstable,
+        Some((20, 5, 3)),
+    );
+    let other = Sandbox::new(
+        "others",
+        "07e55e55-1234-4234-8234-123456789012",
+        Layout::SystemdBestEffort,
+        None,
+    );
+    // Client ends: 0 as Go's runtime sets them (15 s, 15 s, 9), 1 with its own idle of 7200 s, 2 SO_KEEPALIVE only
+    // (the namespace's sysctls), 3 none, 4 SO_KEEPALIVE and TCP_USER_TIMEOUT 30 s. Server ends: defaults (none).
+    let conns = s.connect_configured(5, |i, client| {
+        let tcp = libc::IPPROTO_TCP;
+        if i != 3 {
+            set_int_option(client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        }
+        match i {
+            0 => {
+                set_int_option(client, tcp, libc::TCP_KEEPIDLE, 15);
+                set_int_option(client, tcp, libc::TCP_KEEPINTVL, 15);
+                set_int_option(client, tcp, libc::TCP_KEEPCNT, 9);
+            }
+            1 => set_int_option(client, tcp, libc::TCP_KEEPIDLE, 7200),
+            4 => set_int_option(client, tcp, libc::TCP_USER_TIMEOUT, 30_000),
+            _ => {}
+        }
+    });
+    let others = other.connect(2, 0);
+
+    let mut scanner = Scanner::with_counting("/proc".into(), std::process::id(), Counting::PerSocket, 1);
+    let scan = scanner.scan(&[], &now());
+    let reading = scan.connection_reading.clone().unwrap();
+    assert_eq!((reading.method, reading.message), (ConnectionMethod::PerSocket, None));
+    let pod = entry(&scan, &s.uid).unwrap();
+    assert_eq!((pod.established, pod.keepalive, pod.error.as_deref()), (10, 4, None));
+    let group = |connections, keepalive, idle_from, idle, interval, probes, user_timeout_ms| SocketGroup {
+        connections,
+        keepalive,
+        idle_from,
+        idle_seconds: idle,
+        interval_seconds: interval,
+        probes,
+        user_timeout_ms,
+        merged: false,
+    };
+    use KeepaliveSource::{Socket, Sysctl};
+    let mut groups = pod.sockets.clone().unwrap().groups;
+    groups.sort();
+    let mut want = vec![
+        group(6, false, Sysctl, 0, 0, 0, 0),
+        group(1, true, Socket, 15, 15, 9, 0),
+        group(1, true, Socket, 7200, 5, 3, 0),
+        group(1, true, Sysctl, 20, 5, 3, 0),
+        group(1, true, Sysctl, 20, 5, 3, 30_000),
+    ];
+    want.sort();
+    assert_eq!(groups, want, "each socket's own value, else the namespace's, per field");
+    let weakest = &pod.sockets.as_ref().unwrap().weakest;
+    assert!(!weakest[0].keepalive && weakest[0].process == "sleep", "{weakest:?}");
+    assert!(weakest[0].remote.starts_with("127.0.0.1:"), "{weakest:?}");
+
+    let behind_lb = IdleBound {
+        seconds: 350,
+        idle_timeout: true,
+    };
+    let classes = Classes::of(pod.sockets.as_ref().unwrap(), behind_lb);
+    assert_eq!(
+        (
+            classes.protected,
+            classes.protected_by_app,
+            classes.armed_too_late,
+            classes.unarmed,
+            classes.user_timeout
+        ),
+        (2, 1, 1, 6, 1)
+    );
+    // The other pod's connections are its own; the counted scanner agrees on the numbers.
+    let theirs = entry(&scan, &other.uid).unwrap();
+    assert_eq!((theirs.established, theirs.keepalive), (4, 2));
+    let mut counted = Scanner::with_counting("/proc".into(), std::process::id(), Counting::SockDiag, 1);
+    let by_dump = entry(&counted.scan(&[], &now()), &s.uid).unwrap();
+    assert_eq!((by_dump.established, by_dump.keepalive, by_dump.sockets), (10, 4, None));
+    drop((conns, others));
+}

@@ -9,6 +9,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use super::kernel::bpf::{OwnKeepalive, effective};
 use crate::api::{
     Destination, KeepaliveSource, LiveKeepalive, MAX_SOCKET_GROUPS, MAX_WEAK_DESTINATIONS, SocketGroup, SocketSummary,
 };
@@ -18,30 +19,30 @@ use crate::api::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observed<'a> {
     pub keepalive: bool,
-    pub idle_seconds: Option<u32>,
-    pub interval_seconds: Option<u32>,
-    pub probes: Option<u32>,
+    pub own: OwnKeepalive,
     pub user_timeout_ms: u32,
     pub remote: SocketAddr,
     pub process: &'a str,
 }
 
-/// The effective keepalive of one connection: per value, the socket's own or the namespace's.
-fn effective(socket: &Observed<'_>, namespace: &LiveKeepalive) -> (KeepaliveSource, i32, i32, i32) {
+/// The effective keepalive of one connection (source of the idle time, idle, interval, probes); all 0 without
+/// SO_KEEPALIVE, where they do nothing.
+fn group_values(socket: &Observed<'_>, namespace: &LiveKeepalive) -> (KeepaliveSource, i32, i32, i32) {
     if !socket.keepalive {
         return (KeepaliveSource::Sysctl, 0, 0, 0);
     }
-    let own = |v: Option<u32>, sysctl: i32| v.map_or(sysctl, |v| i32::try_from(v).unwrap_or(i32::MAX));
-    let source = if socket.idle_seconds.is_some() {
+    let e = effective(&socket.own, namespace);
+    let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let source = if e.idle_from_socket {
         KeepaliveSource::Socket
     } else {
         KeepaliveSource::Sysctl
     };
     (
         source,
-        own(socket.idle_seconds, namespace.time),
-        own(socket.interval_seconds, namespace.interval),
-        own(socket.probes, namespace.probes),
+        int(e.idle_seconds),
+        int(e.interval_seconds),
+        i32::from(e.probes),
     )
 }
 
@@ -98,7 +99,7 @@ impl Summarizer {
     }
 
     pub fn add(&mut self, socket: &Observed<'_>) {
-        let (idle_from, idle_seconds, interval_seconds, probes) = effective(socket, &self.namespace);
+        let (idle_from, idle_seconds, interval_seconds, probes) = group_values(socket, &self.namespace);
         let key = SocketGroup {
             connections: 0,
             keepalive: socket.keepalive,
@@ -199,9 +200,11 @@ mod tests {
     fn socket(keepalive: bool, idle: Option<u32>, remote: &str, process: &'static str) -> Observed<'static> {
         Observed {
             keepalive,
-            idle_seconds: idle,
-            interval_seconds: idle.map(|_| 15),
-            probes: idle.map(|_| 9),
+            own: OwnKeepalive {
+                idle_seconds: idle,
+                interval_seconds: idle.map(|_| 15),
+                probes: idle.map(|_| 9),
+            },
             user_timeout_ms: 0,
             remote: remote.parse().unwrap(),
             process,
@@ -247,7 +250,10 @@ mod tests {
     fn groups_and_destinations_are_bounded_and_merging_is_pessimistic() {
         let sockets: Vec<Observed> = (0..40u32)
             .map(|i| Observed {
-                idle_seconds: Some(10 + i),
+                own: OwnKeepalive {
+                    idle_seconds: Some(10 + i),
+                    ..OwnKeepalive::default()
+                },
                 remote: SocketAddr::new("10.1.0.1".parse().unwrap(), 1000 + i as u16),
                 ..socket(true, None, "10.0.0.1:1", "app")
             })

@@ -354,7 +354,6 @@ impl Scanner {
 
         let previous: HashMap<&str, &PodLiveReport> = previous.iter().map(|r| (r.uid.as_str(), r)).collect();
         stats.uncounted = uncounted;
-        let mut per_socket = per_socket;
         let mut reports = Vec::with_capacity(pods.len());
         for ((uid, pod, _), sysctls) in pods.iter().zip(sysctls) {
             let mut problems = Vec::new();
@@ -383,8 +382,12 @@ impl Scanner {
             if let (Some(_), Some(found)) = (report.sysctls, per_socket.as_mut()) {
                 // A pod the pass did not meet holds no established connection.
                 let sockets = found.remove(uid.as_str());
-                report.established = sockets.as_ref().map_or(0, |s| i32::try_from(s.established).unwrap_or(i32::MAX));
-                report.keepalive = sockets.as_ref().map_or(0, |s| i32::try_from(s.keepalive).unwrap_or(i32::MAX));
+                report.established = sockets
+                    .as_ref()
+                    .map_or(0, |s| i32::try_from(s.established).unwrap_or(i32::MAX));
+                report.keepalive = sockets
+                    .as_ref()
+                    .map_or(0, |s| i32::try_from(s.keepalive).unwrap_or(i32::MAX));
                 match sockets.map(|s| s.summary) {
                     None => report.sockets = Some(SocketSummary::default()),
                     Some(Some(summary)) => report.sockets = Some(summary.finish()),
@@ -475,8 +478,10 @@ fn per_socket_pass<'a>(
     targets: &[(&'a str, u64, LiveKeepalive)],
     budgets: &Budgets,
 ) -> Result<(HashMap<&'a str, PodSockets>, usize), String> {
-    let by_netns: HashMap<u64, (&'a str, LiveKeepalive)> =
-        targets.iter().map(|(uid, inode, live)| (*inode, (*uid, *live))).collect();
+    let by_netns: HashMap<u64, (&'a str, LiveKeepalive)> = targets
+        .iter()
+        .map(|(uid, inode, live)| (*inode, (*uid, *live)))
+        .collect();
     let mut found: HashMap<&'a str, PodSockets> = HashMap::new();
     let max = budgets.max_sockets;
     let visited = reader
@@ -497,9 +502,7 @@ fn per_socket_pass<'a>(
             if let Some(summary) = pod.summary.as_mut() {
                 summary.add(&Observed {
                     keepalive: socket.keepalive,
-                    idle_seconds: socket.own.idle_seconds,
-                    interval_seconds: socket.own.interval_seconds,
-                    probes: socket.own.probes.map(u32::from),
+                    own: socket.own,
                     user_timeout_ms: socket.user_timeout_ms,
                     remote: socket.remote,
                     process: &socket.comm,

@@ -199,7 +199,18 @@ impl Sandbox {
     /// turn SO_KEEPALIVE on. Both ends of every connection are handed to a new process of the pod (placed in its
     /// cgroup), which holds them open until dropped — as an application container would.
     pub fn connect(&self, keepalive: usize, plain: usize) -> HeldConnections {
-        let streams = self.open_connections(keepalive, plain);
+        self.connect_configured(keepalive + plain, |i, client| {
+            if i < keepalive {
+                set_int_option(client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+            }
+        })
+    }
+
+    /// Opens `n` connections on loopback inside the namespace, `configure(i, client)` setting the options of the
+    /// client end of the i-th (the server ends keep the defaults), held by a new process of the pod as
+    /// [`Sandbox::connect`] does.
+    pub fn connect_configured(&self, n: usize, configure: impl Fn(usize, &TcpStream) + Sync) -> HeldConnections {
+        let streams = self.open_connections(n, &configure);
         let fds: Vec<i32> = streams.iter().map(|s| s.as_raw_fd()).collect();
         let mut cmd = Command::new("sleep");
         cmd.arg("600")
@@ -227,7 +238,7 @@ impl Sandbox {
         holder
     }
 
-    fn open_connections(&self, keepalive: usize, plain: usize) -> Vec<TcpStream> {
+    fn open_connections(&self, n: usize, configure: &(impl Fn(usize, &TcpStream) + Sync)) -> Vec<TcpStream> {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.netns)).unwrap();
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -235,22 +246,9 @@ impl Sandbox {
                 assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
                 let listener = TcpListener::bind("127.0.0.1:0").unwrap();
                 let mut streams = Vec::new();
-                for i in 0..keepalive + plain {
+                for i in 0..n {
                     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-                    if i < keepalive {
-                        let on: libc::c_int = 1;
-                        // SAFETY: setsockopt(2) with a valid socket and an int option value.
-                        let rc = unsafe {
-                            libc::setsockopt(
-                                client.as_raw_fd(),
-                                libc::SOL_SOCKET,
-                                libc::SO_KEEPALIVE,
-                                &on as *const _ as *const libc::c_void,
-                                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                            )
-                        };
-                        assert_eq!(rc, 0);
-                    }
+                    configure(i, &client);
                     let (server, _) = listener.accept().unwrap();
                     streams.push(client);
                     streams.push(server);
@@ -261,6 +259,26 @@ impl Sandbox {
             .unwrap()
         })
     }
+}
+
+/// setsockopt(2) of an int option; panics when the kernel refuses.
+pub fn set_int_option(socket: &TcpStream, level: libc::c_int, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: setsockopt(2) with a valid socket and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            &value as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {option}, {value}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for Sandbox {
