@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::core::v1::Pod;
-use keepalive_operator::api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, LiveKeepalive};
+use keepalive_operator::api::{
+    ConnectionMethod, KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, KeepaliveSource, LiveKeepalive,
+};
 use kube::{Api, api::DeleteParams};
 use serde_json::json;
 use xtask::sandbox::{Layout, Sandbox};
@@ -58,6 +60,34 @@ async fn the_node_report_shows_live_values_and_connections() {
         })
     );
     assert_eq!((t.established, t.keepalive, t.error), (6, 2, None));
+    // Read socket by socket: the two armed clients follow the namespace's sysctls; the plain client and the three
+    // server ends have no SO_KEEPALIVE.
+    let reading = report.spec.connection_reading.clone().unwrap();
+    assert_eq!((reading.method, reading.message), (ConnectionMethod::PerSocket, None));
+    let groups: Vec<(i32, bool, KeepaliveSource, i32, i32, i32)> = t
+        .sockets
+        .as_ref()
+        .unwrap()
+        .groups
+        .iter()
+        .map(|g| {
+            (
+                g.connections,
+                g.keepalive,
+                g.idle_from,
+                g.idle_seconds,
+                g.interval_seconds,
+                g.probes,
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            (4, false, KeepaliveSource::Sysctl, 0, 0, 0),
+            (2, true, KeepaliveSource::Sysctl, 20, 5, 3)
+        ]
+    );
     let d = by_uid(&default.uid);
     assert_eq!(
         d.sysctls,
@@ -96,6 +126,7 @@ async fn the_node_report_shows_live_values_and_connections() {
         "keepalive_agent_report_writes_total{outcome=\"written\"}",
         "keepalive_agent_pods_over_budget{budget=\"sockets\"} 0",
         "keepalive_agent_scans_over_deadline_total",
+        "keepalive_agent_per_socket 1",
     ] {
         assert!(metrics.contains(name), "{name} in\n{metrics}");
     }
@@ -197,16 +228,32 @@ async fn policy_status_joins_the_live_readings() {
     node_object(cp, "live-chain-node");
     let agent = Agent::start(cp, "live-chain-node");
 
+    // The agrees pod holds the values, but four of its sockets (the plain client, the three server ends) have no
+    // SO_KEEPALIVE: its connections are not all protected.
     let s = status("one pod live-verified, one LiveMismatch", |s| {
-        s.live_verified_pods == Some(1) && s.violation_counts.get("LiveMismatch") == Some(&1)
+        s.live_verified_pods == Some(1)
+            && s.violation_counts.get("LiveMismatch") == Some(&1)
+            && s.violation_counts.get("ConnectionsUnprotected") == Some(&1)
     })
     .await;
-    assert_eq!((s.matched_pods, s.conformant_pods), (Some(2), Some(1)));
-    assert_eq!(s.violations.len(), 1);
-    let v = &s.violations[0];
+    assert_eq!((s.matched_pods, s.conformant_pods), (Some(2), Some(0)));
+    assert_eq!(s.violations.len(), 2);
+    let v = &s.violations[1];
     assert_eq!(
         (v.namespace.as_str(), v.name.as_str(), v.reason.as_str()),
         ("live-differs", "app", "LiveMismatch")
+    );
+    let unprotected = &s.violations[0];
+    assert_eq!(
+        (unprotected.namespace.as_str(), unprotected.reason.as_str()),
+        ("live-agrees", "ConnectionsUnprotected")
+    );
+    assert!(
+        unprotected.message.starts_with(
+            "4 of 6 connections will not send a keepalive probe before the policy's keepalive time of 20 s"
+        ) && unprotected.message.contains("from sleep has no SO_KEEPALIVE"),
+        "{}",
+        unprotected.message
     );
     assert!(
         v.message.contains("net.ipv4.tcp_keepalive_time=7200 (policy: 20)") && v.message.contains("live-chain-node"),
@@ -219,7 +266,14 @@ async fn policy_status_joins_the_live_readings() {
         Some(keepalive_operator::api::ConnectionCounts {
             established: 10,
             keepalive: 3,
-            ..Default::default()
+            classified: 10,
+            protected: 2,
+            protected_by_app: 0,
+            armed_too_late: 1,
+            unarmed: 7,
+            user_timeout: 0,
+            // The differing pod's armed client: 7200 + 75 × 9.
+            worst_dead_peer_seconds: Some(7875),
         })
     );
     let report = Api::<KeepaliveNodeReport>::all(client.clone())
@@ -236,7 +290,7 @@ async fn policy_status_joins_the_live_readings() {
     // The real kubectl shows it.
     let out = cp.kubectl_output(&["get", "kap", "live-chain"]).unwrap();
     let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(row[5..9], ["2", "1", "1", "3/10"], "{out}");
+    assert_eq!(row[5..10], ["2", "0", "1", "3/10", "2/10"], "{out}");
 
     // The pod whose processes vanished has no entry in the report any more: not conformant on spec alone, not
     // live-verified (the controller names the reason for a pod without a reading).
