@@ -31,6 +31,11 @@
 #    hack/versions.env (1.37) with the DefaultPodSysctls gate on: restarted with defaultPodSysctls 240/30/4, pods of
 #    a namespace with an Audit policy of those values get them from the kubelet alone (nothing in their spec) and
 #    count conformant and live-verified, not NotMutated; a pod-spec value still wins over the node default;
+#    per connection: the agent reads every socket with a BPF iterator; the clients' plain connection makes them
+#    ConnectionsUnprotected; a pod holding one connection of each kind (Go's default keepalive, its own idle of
+#    7200 s, SO_KEEPALIVE only, none, TCP_USER_TIMEOUT) under a policy with idleTimeoutSeconds 350 is reported
+#    group by group as `ss -tieo` shows its sockets, classified protected 2 / protectedByApp 1 / armedTooLate 1 /
+#    unarmed 1, and the wire shows each first probe at the reported idle time;
 # 5. a PASS/FAIL summary, and hack/node.sh down (unless --keep).
 set -euo pipefail
 
@@ -54,6 +59,7 @@ summary() {
   local rc=$?
   set +e
   if [[ -n ${tcpdump_pid:-} ]]; then kill "$tcpdump_pid" 2>/dev/null; wait "$tcpdump_pid" 2>/dev/null; fi
+  if [[ -n ${tcpdump2_pid:-} ]]; then kill "$tcpdump2_pid" 2>/dev/null; wait "$tcpdump2_pid" 2>/dev/null; fi
   if [[ -n ${drop_rule:-} ]]; then nsenter -t "$server_pid" -n iptables -D $drop_rule 2>/dev/null; fi
   ((rc != 0)) && fail "ABORTED (exit $rc) during: ${stage:-?}"
   local e2e_s=$((SECONDS - t_start))
@@ -377,18 +383,25 @@ n_nopolicy="$(awk -v s="$plain_ip" 'index($5, s ".") == 1 && $7 == "'"$server_ip
 # --- agent report and policy status ----------------------------------------------------------------------------------
 stage="agent and policy status"
 deadline=$((SECONDS + 60))
-until kubectl get kap e2e-fast -o jsonpath='{.status.liveVerifiedPods}' 2>/dev/null | grep -x 2 >/dev/null &&
-  kubectl get kap e2e-fast -o jsonpath='{.status.conformantPods}' | grep -x 2 >/dev/null &&
-  kubectl get kap e2e-fast -o jsonpath='{.status.connectionCoverage}' | grep -x '4/6' >/dev/null; do
+# Each client holds 2 connections with SO_KEEPALIVE and 1 without: the kernel holds the policy's values (live 2),
+# but the plain connection will never probe, so the agent's per-socket reading makes both ConnectionsUnprotected.
+kap_row() { kubectl get kap e2e-fast -o jsonpath='{.status.matchedPods} {.status.conformantPods} {.status.liveVerifiedPods} {.status.connectionCoverage} {.status.protectedConnections} {.status.violationCounts.ConnectionsUnprotected}'; }
+until [[ $(kap_row 2>/dev/null) == "2 0 2 4/6 4/6 2" ]]; do
   ((SECONDS < deadline)) || break
   sleep 2
 done
 kubectl get kap
 kubectl get kanr
 kubectl get kanr -o yaml | sed -n '/^  spec:/,/^  status:/p' | sed -n 1,60p | sed 's/^/  kanr | /'
-kap="$(kubectl get kap e2e-fast -o jsonpath='{.status.matchedPods} {.status.conformantPods} {.status.liveVerifiedPods} {.status.connectionCoverage}')"
-[[ $kap == "2 2 2 4/6" ]] && pass "kubectl get kap: matched 2, conformant 2, live 2, coverage 4/6 (keepalive/established)" \
-  || fail "kubectl get kap: matched/conformant/live/coverage = '$kap', want '2 2 2 4/6'"
+kap="$(kap_row)"
+[[ $kap == "2 0 2 4/6 4/6 2" ]] \
+  && pass "kubectl get kap: matched 2, live 2, coverage 4/6, protected 4/6; both ConnectionsUnprotected (their plain connection)" \
+  || fail "kubectl get kap: matched/conformant/live/coverage/protected/unprotected = '$kap', want '2 0 2 4/6 4/6 2'"
+message="$(kubectl get kap e2e-fast -o jsonpath='{.status.violations[0].message}')"
+echo "  violation: $message"
+[[ $message == "1 of 3 connections will not send a keepalive probe before the policy's keepalive time of 20 s: 1 connection to $server_ip:7000 from keepalive-workl has no SO_KEEPALIVE"* ]] \
+  && pass "ConnectionsUnprotected names the destination and process of the connection without SO_KEEPALIVE" \
+  || fail "ConnectionsUnprotected message: '$message'"
 kanr="$(kubectl get kanr -o json)"
 client_uids="$(kubectl get pods -n "$NS" -l app=clients -o jsonpath='{range .items[*]}{.metadata.uid}{" "}{end}')"
 node_uid="$(kubectl get node "$NODE_NAME" -o jsonpath='{.metadata.uid}')"
@@ -405,6 +418,150 @@ sys.exit(0 if ok and owners == [("Node", node_uid)] else 1)
 EOF
 then pass "KeepaliveNodeReport: live time/interval/probes 20/5/3 for both client pods by UID; owned by the Node (its UID)"
 else fail "KeepaliveNodeReport: live 20/5/3 for both client pods by UID, or the Node ownerReference, not found"; fi
+
+# --- per connection: each kind of client socket judged against a load balancer's idle timeout ------------------------
+stage="per connection"
+CONN_NS=e2e-connections
+capture2="$state/e2e-capture-7003.txt"
+: >"$capture2"
+tcpdump -i any -Q in -nn -tt -l 'tcp port 7003' >"$capture2" 2>"$state/e2e-tcpdump-7003.log" &
+tcpdump2_pid=$!
+sleep 2
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $CONN_NS
+  labels: {keepalive-e2e: "connections"}
+---
+apiVersion: keepalive.dev/v1alpha1
+kind: KeepalivePolicy
+metadata:
+  name: e2e-lb
+spec:
+  namespaceSelector:
+    matchLabels: {keepalive-e2e: "connections"}
+  keepalive: {time: 20, interval: 5, probes: 3}
+  idleTimeoutSeconds: 350
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: conn-server, namespace: $PLAIN_NS}
+spec:
+  containers:
+    - {name: server, image: $WORKLOAD_IMAGE, imagePullPolicy: Never, args: [server, --listen, ":7003"]}
+EOF
+kubectl wait -n "$PLAIN_NS" pod/conn-server --for=condition=Ready --timeout=60s >/dev/null
+conn_server_ip="$(kubectl get pod -n "$PLAIN_NS" conn-server -o jsonpath='{.status.podIP}')"
+# One connection of each kind: go-default (Go's runtime: 15 s / 15 s / 9), own-idle-7200, sysctl (SO_KEEPALIVE
+# only), none, user-timeout (SO_KEEPALIVE + TCP_USER_TIMEOUT 30 s).
+kubectl run classes -n "$CONN_NS" --image="$WORKLOAD_IMAGE" --image-pull-policy=Never --restart=Never \
+  -- classes --peer "$conn_server_ip:7003" >/dev/null
+kubectl wait -n "$CONN_NS" pod/classes --for=condition=Ready --timeout=60s >/dev/null
+t_classes=$SECONDS
+classes_uid="$(kubectl get pod -n "$CONN_NS" classes -o jsonpath='{.metadata.uid}')"
+# The report: five groups once the agent has read the pod's connections (a new pod's first entry, or the next
+# heartbeat).
+entry_groups() {
+  kubectl get kanr "$NODE_NAME" -o json | python3 -c '
+import json, sys
+doc = json.load(sys.stdin); uid = sys.argv[1]
+e = next((p for p in doc["spec"].get("pods", []) if p["uid"] == uid), {})
+for g in sorted(e.get("sockets", {}).get("groups", []), key=lambda g: (g["keepalive"], g["idleSeconds"], g.get("userTimeoutMs", 0))):
+    print(g["connections"], g["keepalive"], g["idleFrom"], g["idleSeconds"], g["intervalSeconds"], g["probes"], g.get("userTimeoutMs", 0))
+' "$classes_uid"
+}
+want_groups="1 False Sysctl 0 0 0 0
+1 True Socket 15 15 9 0
+1 True Sysctl 20 5 3 0
+1 True Sysctl 20 5 3 30000
+1 True Socket 7200 5 3 0"
+deadline=$((SECONDS + 100))
+until [[ $(entry_groups 2>/dev/null) == "$want_groups" ]]; do ((SECONDS < deadline)) || break; sleep 2; done
+groups="$(entry_groups)"
+echo "$groups" | sed 's/^/  report groups (connections keepalive idleFrom idle interval probes userTimeoutMs) | /'
+reading="$(kubectl get kanr "$NODE_NAME" -o jsonpath='{.spec.connectionReading.method}')"
+[[ $groups == "$want_groups" && $reading == PerSocket ]] \
+  && pass "agent reads per socket (BPF): Go default 15/15/9 from the socket, own idle 7200, SO_KEEPALIVE only 20/5/3 from the sysctls, TCP_USER_TIMEOUT 30000 ms, one without SO_KEEPALIVE" \
+  || fail "agent per-socket groups for pod classes (reading '$reading'): got '$groups'"
+# ss in the pod's namespace: the same sockets, armed or not, each keepalive timer within its reported idle time.
+ss_classes="$(in_pod "$CONN_NS" classes ss -tieo state established "( dport = :7003 )")"
+echo "$ss_classes" | grep -v '^\s' | sed 's/^/  ss -tieo (classes) | /'
+if python3 - "$ss_classes" "$groups" <<'PY_SS'
+import re, sys
+ss, groups = sys.argv[1], sys.argv[2]
+def seconds(t):
+    s = 0.0
+    for n, u in re.findall(r"([0-9.]+)(min|sec|ms)", t):
+        s += float(n) * {"min": 60, "sec": 1, "ms": 0.001}[u]
+    return s
+lines = [l for l in ss.splitlines() if "7003" in l]
+timers = sorted(seconds(m) for l in lines for m in re.findall(r"timer:\(keepalive,([^,]+),", l))
+unarmed = sum(1 for l in lines if "timer:(keepalive" not in l)
+idles = sorted(int(g.split()[3]) for g in groups.splitlines() if g.split()[1] == "True")
+print(f"  ss: {len(timers)} keepalive timers {timers}, {unarmed} without; report: armed idles {idles}")
+ok = len(lines) == 5 and unarmed == 1 and len(timers) == len(idles) and all(t <= i + 0.5 for t, i in zip(timers, idles))
+ok = ok and timers[-1] > 7000
+sys.exit(0 if ok else 1)
+PY_SS
+then pass "ss -tieo in the pod agrees: 4 keepalive timers, each within the reported idle (15, 20, 20, 7200), 1 socket without"
+else fail "ss -tieo in the pod disagrees with the agent's report"; fi
+# The policy status: classes against the 350 s idle timeout.
+lb_row() { kubectl get kap e2e-lb -o jsonpath='{.status.connections.protected} {.status.connections.protectedByApp} {.status.connections.armedTooLate} {.status.connections.unarmed} {.status.connections.userTimeout} {.status.protectedConnections} {.status.violationCounts.ConnectionsUnprotected}'; }
+deadline=$((SECONDS + 60))
+until [[ $(lb_row 2>/dev/null) == "2 1 1 1 1 3/5 1" ]]; do ((SECONDS < deadline)) || break; sleep 2; done
+kubectl get kap e2e-lb
+lb="$(lb_row)"
+[[ $lb == "2 1 1 1 1 3/5 1" ]] \
+  && pass "policy e2e-lb (idle timeout 350 s): protected 2, protectedByApp 1 (Go), armedTooLate 1 (7200 s), unarmed 1, userTimeout 1; PROTECTED 3/5" \
+  || fail "policy e2e-lb classes protected/byApp/tooLate/unarmed/userTimeout/PROTECTED/unprotected pods = '$lb', want '2 1 1 1 1 3/5 1'"
+message="$(kubectl get kap e2e-lb -o jsonpath='{.status.violations[0].reason}: {.status.violations[0].message}')"
+echo "  violation: $message"
+[[ $message == "ConnectionsUnprotected: 2 of 5 connections will not send a keepalive probe before the 350 s idle timeout: 1 connection to $conn_server_ip:7003 from keepalive-workl has no SO_KEEPALIVE; 1 connection to $conn_server_ip:7003 from keepalive-workl probes first after 7200 s"* ]] \
+  && pass "ConnectionsUnprotected names both unprotected connections: no SO_KEEPALIVE, and a first probe after 7200 s" \
+  || fail "e2e-lb violation message: '$message'"
+# On the wire: the first probe of each armed connection at its reported idle time; none on the other two.
+sleep $((t_classes + 24 - SECONDS > 0 ? t_classes + 24 - SECONDS : 0))
+kill "$tcpdump2_pid" 2>/dev/null; wait "$tcpdump2_pid" 2>/dev/null || true
+if python3 - "$capture2" "$conn_server_ip" "$groups" <<'PY_WIRE'
+import sys, collections
+capture, server, groups = sys.argv[1], sys.argv[2] + ".7003", sys.argv[3]
+flows = collections.defaultdict(list)  # client -> [(time, flags, length)]
+for line in open(capture):
+    f = line.split()
+    try:
+        i = f.index(">")
+    except ValueError:
+        continue
+    src, dst = f[i - 1], f[i + 1].rstrip(":")
+    if dst != server:
+        continue
+    flags = f[f.index("Flags") + 1] if "Flags" in f else ""
+    length = int(f[-1]) if f[-1].isdigit() else -1
+    flows[src].append((float(f[0]), flags, length))
+delays = []
+silent = 0
+for src, packets in flows.items():
+    syn = [t for t, fl, _ in packets if fl.startswith("[S")]
+    if not syn:
+        continue
+    acks = [t for t, fl, l in packets if fl == "[.]," and l == 0]
+    # acks[0] ends the handshake; a keepalive probe is the next bare ACK.
+    if len(acks) >= 2:
+        delays.append(round(acks[1] - acks[0], 2))
+    else:
+        silent += 1
+delays.sort()
+idles = sorted(int(g.split()[3]) for g in groups.splitlines() if g.split()[1] == "True" and int(g.split()[3]) < 350)
+print(f"  wire: first probe after {delays} s of idle on {len(delays)} connections, {silent} silent; reported idles below 350 s: {idles}")
+ok = len(delays) == len(idles) == 3 and silent == 2 and all(i <= d <= i + 1.5 for d, i in zip(delays, idles))
+sys.exit(0 if ok else 1)
+PY_WIRE
+then pass "on the wire: first probes at the reported idle times (15 s Go default, 20 s from the sysctl twice); none from the 7200 s and the unarmed connection"
+else fail "on the wire: first probes do not match the reported idle times (capture $capture2)"; fi
+kubectl delete namespace "$CONN_NS" --wait=false >/dev/null
+kubectl delete pod -n "$PLAIN_NS" conn-server --wait=false >/dev/null
+kubectl delete keepalivepolicy e2e-lb >/dev/null
 
 # --- injection mode: the chart's `auto` on 1.37 compiles the policies into a MutatingAdmissionPolicy ----------------
 stage="injection mode"

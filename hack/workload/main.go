@@ -3,11 +3,17 @@
 //
 //	keepalive-workload server [--listen :7000]
 //	keepalive-workload client --peer HOST:PORT [--keepalive N] [--plain M]
+//	keepalive-workload classes --peer HOST:PORT
 //
 // The server accepts connections and never writes; its accepted sockets have no SO_KEEPALIVE. The client opens N
 // connections with SO_KEEPALIVE on (and no per-socket TCP_KEEPIDLE/INTVL/CNT, so the pod's network-namespace
 // sysctls apply) and M without, sends nothing, and reconnects a connection the kernel resets (a keepalive that
 // went unanswered). Go's own keepalive defaults (15 s on every TCP socket) are switched off on both sides.
+//
+// classes opens one connection of each kind a per-connection report tells apart, and holds them idle:
+// go-default (Go's runtime keepalive: SO_KEEPALIVE, TCP_KEEPIDLE 15 s, TCP_KEEPINTVL 15 s, TCP_KEEPCNT 9),
+// own-idle-7200 (SO_KEEPALIVE and its own TCP_KEEPIDLE of 7200 s), sysctl (SO_KEEPALIVE only: the pod's sysctls
+// apply), none (no SO_KEEPALIVE) and user-timeout (SO_KEEPALIVE and TCP_USER_TIMEOUT 30 s).
 package main
 
 import (
@@ -47,6 +53,14 @@ func main() {
 			usage()
 		}
 		client(ctx, *peer, *ka, *plain)
+	case "classes":
+		fs := flag.NewFlagSet("classes", flag.ExitOnError)
+		peer := fs.String("peer", "", "server address HOST:PORT")
+		_ = fs.Parse(os.Args[2:])
+		if *peer == "" {
+			usage()
+		}
+		classes(ctx, *peer)
 	default:
 		usage()
 	}
@@ -54,7 +68,8 @@ func main() {
 
 func usage() {
 	fmt.Fprintln(os.Stderr, "usage: keepalive-workload server [--listen :7000]\n"+
-		"       keepalive-workload client --peer HOST:PORT [--keepalive N] [--plain M]")
+		"       keepalive-workload client --peer HOST:PORT [--keepalive N] [--plain M]\n"+
+		"       keepalive-workload classes --peer HOST:PORT")
 	os.Exit(2)
 }
 
@@ -96,29 +111,60 @@ func client(ctx context.Context, peer string, keepalive, plain int) {
 	<-ctx.Done()
 }
 
+// A socket option: level, option, value.
+type option struct{ level, name, value int }
+
+// classes holds one idle connection of each kind (see the package comment).
+func classes(ctx context.Context, peer string) {
+	const tcp = syscall.IPPROTO_TCP
+	on := option{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, 1}
+	kinds := []struct {
+		name      string
+		keepalive time.Duration
+		options   []option
+	}{
+		{"go-default", 0, nil},
+		{"own-idle-7200", -1, []option{on, {tcp, syscall.TCP_KEEPIDLE, 7200}}},
+		{"sysctl", -1, []option{on}},
+		{"none", -1, nil},
+		{"user-timeout", -1, []option{on, {tcp, 0x12 /* TCP_USER_TIMEOUT */, 30000}}},
+	}
+	for _, k := range kinds {
+		go holdWith(ctx, peer, k.name, k.keepalive, k.options)
+	}
+	<-ctx.Done()
+}
+
 // hold keeps one idle connection open, reconnecting after an error.
 func hold(ctx context.Context, peer string, keepalive bool) {
+	v := 0
+	kind := "plain"
+	if keepalive {
+		v, kind = 1, "keepalive"
+	}
+	holdWith(ctx, peer, kind, -1, []option{{syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, v}})
+}
+
+// holdWith keeps one idle connection open with Go's dialer keepalive setting `keepalive` (0: Go's default,
+// negative: none of Go's) and `options` set on the socket before it connects, reconnecting after an error.
+func holdWith(ctx context.Context, peer, kind string, keepalive time.Duration, options []option) {
 	d := net.Dialer{
-		KeepAlive: -1, // no Go default keepalive
+		KeepAlive: keepalive,
 		Timeout:   10 * time.Second,
 		Control: func(_, _ string, rc syscall.RawConn) error {
 			var serr error
-			v := 0
-			if keepalive {
-				v = 1
-			}
 			err := rc.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_KEEPALIVE, v)
+				for _, o := range options {
+					if serr == nil {
+						serr = syscall.SetsockoptInt(int(fd), o.level, o.name, o.value)
+					}
+				}
 			})
 			if err != nil {
 				return err
 			}
 			return serr
 		},
-	}
-	kind := "plain"
-	if keepalive {
-		kind = "keepalive"
 	}
 	for ctx.Err() == nil {
 		c, err := d.DialContext(ctx, "tcp", peer)

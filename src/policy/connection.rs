@@ -211,7 +211,8 @@ pub fn unprotected_message(summary: &SocketSummary, bound: IdleBound) -> Option<
             d.connections, d.remote, d.process
         );
         if d.keepalive {
-            let _ = write!(message, "probe first after {} s", d.idle_seconds);
+            let verb = if d.connections == 1 { "probes" } else { "probe" };
+            let _ = write!(message, "{verb} first after {} s", d.idle_seconds);
         } else if d.connections == 1 {
             message.push_str("has no SO_KEEPALIVE");
         } else {
