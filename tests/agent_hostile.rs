@@ -276,6 +276,32 @@ fn hostile_pods_are_bounded_and_the_others_read_exactly() {
         "every ordinary pod counted exactly, the one with too many sockets reported so"
     );
 
+    // Per socket: one pass over the node's sockets counts every pod exactly, the big one too; its connections are
+    // not classified (its summary would grow with them), and it says so.
+    let mut per_socket =
+        Scanner::with_counting("/proc".into(), std::process::id(), Counting::PerSocket, 1).with_budgets(budgets);
+    let started = Instant::now();
+    let scan = per_socket.scan(&[], &Time(Timestamp::now()));
+    let took = started.elapsed();
+    println!("per-socket scan: {:.0} ms, {:?}", took.as_secs_f64() * 1e3, scan.stats);
+    assert!(took < deadline, "per-socket scan took {took:?}");
+    let by_uid: HashMap<&str, _> = scan.pods.iter().map(|p| (p.uid.as_str(), p)).collect();
+    let many_sockets = by_uid[sockets_pod.uid.as_str()];
+    assert_eq!(
+        (many_sockets.error.as_deref(), many_sockets.sockets.as_ref()),
+        (
+            Some("connections counted, not classified: more than 50000 sockets (--max-sockets-per-pod)"),
+            None
+        )
+    );
+    assert_eq!(many_sockets.established as usize, 2 * SOCKET_PAIRS, "counted exactly");
+    for (s, _, established, keepalive) in &normal {
+        let e = by_uid[s.uid.as_str()];
+        assert_eq!((e.established, e.keepalive), (*established, *keepalive));
+        let classified: i32 = e.sockets.as_ref().unwrap().groups.iter().map(|g| g.connections).sum();
+        assert_eq!(classified, *established, "{e:?}");
+    }
+
     // The real agent process on the same node: bounded memory.
     let agent = AgentProcess::start("hostile", &["--scan-interval-seconds=5", "--scan-deadline-seconds=4"]);
     agent.wait_for_scans(3.0, Duration::from_secs(90));
@@ -340,7 +366,9 @@ fn only_the_kernel_reader_threads_hold_capabilities() {
         Some((23, 3, 3)),
     );
     let _conns = pod.connect(1, 1);
+    // per-socket: SYS_ADMIN stands for CAP_BPF + CAP_PERFMON, which loading the socket iterator needs.
     for (counting, expected) in [
+        ("per-socket", SYS_ADMIN | SYS_PTRACE),
         ("sock-diag", SYS_ADMIN | SYS_PTRACE),
         ("socket-fds", SYS_ADMIN | SYS_PTRACE | DAC_READ_SEARCH),
     ] {
@@ -363,6 +391,12 @@ fn only_the_kernel_reader_threads_hold_capabilities() {
         assert_eq!(
             agent.metric("keepalive_agent_pods_over_budget{budget=\"sockets\"}"),
             Some(0.0)
+        );
+        let per_socket = if counting == "per-socket" { 1.0 } else { 0.0 };
+        assert_eq!(
+            agent.metric("keepalive_agent_per_socket"),
+            Some(per_socket),
+            "{counting}"
         );
     }
 }
