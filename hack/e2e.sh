@@ -399,7 +399,7 @@ kap="$(kap_row)"
   || fail "kubectl get kap: matched/conformant/live/coverage/protected/unprotected = '$kap', want '2 0 2 4/6 4/6 2'"
 message="$(kubectl get kap e2e-fast -o jsonpath='{.status.violations[0].message}')"
 echo "  violation: $message"
-[[ $message == "1 of 3 connections will not send a keepalive probe before the policy's keepalive time of 20 s: 1 connection to $server_ip:7000 from keepalive-workl has no SO_KEEPALIVE"* ]] \
+[[ $message == "1 of 3 connections will not send a keepalive probe before the policy's keepalive time of 20 s (no idleTimeoutSeconds set): 1 connection to $server_ip:7000 from keepalive-workl has no SO_KEEPALIVE"* ]] \
   && pass "ConnectionsUnprotected names the destination and process of the connection without SO_KEEPALIVE" \
   || fail "ConnectionsUnprotected message: '$message'"
 kanr="$(kubectl get kanr -o json)"
