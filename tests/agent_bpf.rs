@@ -405,6 +405,17 @@ fn a_socket_shared_with_a_forked_process_is_reported_once_with_its_holders() {
         .unwrap();
     assert_eq!(visited[&client.inode], 2);
     assert_eq!(visited[&server.inode], 3);
+    // visit_once: the shared sockets once each, on first sight, holders not counted.
+    let mut once: HashMap<u64, u32> = HashMap::new();
+    let summary = reader
+        .visit_once(usize::MAX, |s| {
+            *once.entry(s.inode).or_default() += 1;
+            assert_eq!(s.holders, 0);
+        })
+        .unwrap();
+    assert_eq!((once[&client.inode], once[&server.inode]), (1, 1));
+    assert_eq!(summary.sockets, once.len());
+    assert!(once.values().all(|n| *n == 1), "every socket once");
 
     drop(holder);
     drop(dup);

@@ -485,7 +485,7 @@ fn per_socket_pass<'a>(
     let mut found: HashMap<&'a str, PodSockets> = HashMap::new();
     let max = budgets.max_sockets;
     let visited = reader
-        .visit(budgets.max_node_sockets, |socket| {
+        .visit_once(budgets.max_node_sockets, |socket| {
             let Some((uid, live)) = by_netns.get(&socket.netns) else {
                 return;
             };

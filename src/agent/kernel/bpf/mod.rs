@@ -18,7 +18,7 @@ mod effective;
 mod record;
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
     fs::File,
     io::{self, Read},
     net::{Ipv4Addr, SocketAddr},
@@ -210,6 +210,8 @@ pub struct SocketReader {
     /// [`SocketReader::visit`]'s sockets (with their holder counts) and their index by inode, kept between passes.
     scratch: Vec<(Record, u32)>,
     index: HashMap<u64, usize>,
+    /// [`SocketReader::visit_once`]'s inodes seen in the pass.
+    seen: HashSet<u64>,
 }
 
 impl std::fmt::Debug for SocketReader {
@@ -258,6 +260,7 @@ impl SocketReader {
             buf: Vec::new(),
             scratch: Vec::new(),
             index: HashMap::new(),
+            seen: HashSet::new(),
         };
         reader.hz = reader.learn_hz()?;
         Ok(reader)
@@ -327,6 +330,33 @@ impl SocketReader {
         }
         Ok(Visited {
             sockets: self.scratch.len(),
+            truncated,
+            records,
+        })
+    }
+
+    /// Each socket once, handed to `f` when the pass first meets it, without counting its holders (`holders` is 0):
+    /// what a pass keeps is one inode per socket, not one record, so a node with many sockets costs little memory.
+    pub fn visit_once(&mut self, limit: usize, mut f: impl FnMut(&TcpSocket)) -> Result<Visited, BpfError> {
+        let file = self.open()?;
+        let (hz, established_only) = (self.hz, self.established_only);
+        self.seen.clear();
+        let seen = &mut self.seen;
+        let mut socket = TcpSocket::empty();
+        let mut sockets = 0;
+        let (records, truncated) = drain(file, &mut self.buf, limit, |r| {
+            if (!established_only || r.state == TCP_ESTABLISHED) && seen.insert(r.inode) {
+                r.fill(hz, 0, &mut socket);
+                f(&socket);
+                sockets += 1;
+            }
+        })?;
+        // A pass over a crowd of sockets does not pin its memory for the passes after it.
+        if self.seen.capacity() > 4 * self.seen.len().max(4096) {
+            self.seen = HashSet::new();
+        }
+        Ok(Visited {
+            sockets,
             truncated,
             records,
         })
