@@ -226,24 +226,31 @@ impl std::fmt::Debug for SocketReader {
 impl SocketReader {
     /// Loads the iterator against the running kernel's BTF, and learns the kernel's HZ.
     pub fn load() -> Result<SocketReader, BpfError> {
-        Self::load_with_btf(KERNEL_BTF)
+        let path = Path::new(KERNEL_BTF);
+        if !path.exists() {
+            return Err(BpfError::NoBtf);
+        }
+        // aya's loader parses the kernel's BTF itself (some 20 MiB once parsed); it is parsed again for attaching
+        // only once the loader's copy is gone, so that the two are never held at once.
+        let ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(|e| load_error("loading the socket iterator", &e))?;
+        Self::attach(ebpf, parse_btf(path)?)
     }
 
     /// Loads the iterator with the kernel's BTF read from `path` (the running kernel's must still have BTF: the
     /// iterator attaches to it), and learns the kernel's HZ.
     pub fn load_with_btf(path: impl AsRef<Path>) -> Result<SocketReader, BpfError> {
-        let path = path.as_ref();
-        let btf = match Btf::parse_file(path, Endianness::default()) {
-            Ok(btf) => btf,
-            Err(aya::BtfError::FileError { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
-                return Err(BpfError::NoBtf);
-            }
-            Err(e) => return Err(load_error(&format!("reading BTF from {}", path.display()), &e)),
-        };
-        let mut ebpf = EbpfLoader::new()
+        let btf = parse_btf(path.as_ref())?;
+        let ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .load(OBJECT)
             .map_err(|e| load_error("loading the socket iterator", &e))?;
+        Self::attach(ebpf, btf)
+    }
+
+    /// Loads the program into the kernel as a task_file iterator, and learns HZ.
+    fn attach(mut ebpf: Ebpf, btf: Btf) -> Result<SocketReader, BpfError> {
         let program: &mut Iter = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| BpfError::Unsupported(format!("no program {PROGRAM} in the object")))?
@@ -253,6 +260,7 @@ impl SocketReader {
             .load("task_file", &btf)
             .map_err(|e| load_error("loading the socket iterator", &e))?;
         drop(btf);
+        give_back_freed_memory();
         let mut reader = SocketReader {
             ebpf,
             hz: 0,
@@ -406,6 +414,23 @@ impl SocketReader {
                 "the reader's own socket was missing from the iterator's output".into(),
             )),
         }
+    }
+}
+
+fn parse_btf(path: &Path) -> Result<Btf, BpfError> {
+    match Btf::parse_file(path, Endianness::default()) {
+        Ok(btf) => Ok(btf),
+        Err(aya::BtfError::FileError { error, .. }) if error.kind() == io::ErrorKind::NotFound => Err(BpfError::NoBtf),
+        Err(e) => Err(load_error(&format!("reading BTF from {}", path.display()), &e)),
+    }
+}
+
+/// Parsing the kernel's BTF leaves many megabytes of small freed blocks in the heap; glibc keeps them unless asked.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim(3) only releases free memory of the allocator's own arenas; nothing we hold is touched.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -14,20 +14,25 @@ pub const MAGIC: u32 = 0x314b_5053;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// One record, decoded; what a socket's holder and the socket itself hold.
+/// One record, decoded, still close to the wire (compact: [`super::SocketReader::visit`] keeps one per socket
+/// during a pass).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Record {
-    pub pid: u32,
     pub inode: u64,
-    pub netns: u64,
+    pub netns: u32,
+    pub pid: u32,
     pub fd: u32,
     /// Jiffies; 0 = the namespace's sysctl applies.
     pub keepalive_time: u32,
     /// Jiffies; 0 = the namespace's sysctl applies.
     pub keepalive_intvl: u32,
     pub user_timeout_ms: u32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    /// IPv4: the first 4 bytes.
+    pub local_ip: [u8; 16],
+    pub remote_ip: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub ipv6: bool,
     pub state: u8,
     pub keepalive: bool,
     /// 0 = the namespace's sysctl applies.
@@ -63,39 +68,50 @@ pub fn parse(bytes: &[u8]) -> Result<Record, RecordError> {
     if magic != MAGIC {
         return Err(RecordError::Magic(magic));
     }
-    let family = u16_at(36);
-    let local_port = u16_at(38);
-    // skc_dport, as the kernel keeps it: network order.
-    let remote_port = u16::from_be_bytes(array(bytes, 40));
-    let (local, remote): (IpAddr, IpAddr) = match family {
-        AF_INET => (
-            Ipv4Addr::from(array::<4>(bytes, 48)).into(),
-            Ipv4Addr::from(array::<4>(bytes, 64)).into(),
-        ),
-        AF_INET6 => (
-            Ipv6Addr::from(array::<16>(bytes, 48)).into(),
-            Ipv6Addr::from(array::<16>(bytes, 64)).into(),
-        ),
+    let ipv6 = match u16_at(36) {
+        AF_INET => false,
+        AF_INET6 => true,
         other => return Err(RecordError::Family(other)),
     };
     Ok(Record {
         pid: u32_at(4),
         inode: u64::from_ne_bytes(array(bytes, 8)),
-        netns: u64::from(u32_at(16)),
+        netns: u32_at(16),
         fd: u32_at(20),
         keepalive_time: u32_at(24),
         keepalive_intvl: u32_at(28),
         user_timeout_ms: u32_at(32),
-        local: SocketAddr::new(local, local_port),
-        remote: SocketAddr::new(remote, remote_port),
+        local_port: u16_at(38),
+        // skc_dport, as the kernel keeps it: network order.
+        remote_port: u16::from_be_bytes(array(bytes, 40)),
+        ipv6,
         state: bytes[42],
         keepalive: bytes[43] != 0,
         probes: bytes[44],
+        local_ip: array(bytes, 48),
+        remote_ip: array(bytes, 64),
         comm: array(bytes, 80),
     })
 }
 
+fn address(ipv6: bool, ip: &[u8; 16], port: u16) -> SocketAddr {
+    let ip: IpAddr = if ipv6 {
+        Ipv6Addr::from(*ip).into()
+    } else {
+        Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into()
+    };
+    SocketAddr::new(ip, port)
+}
+
 impl Record {
+    pub fn local(&self) -> SocketAddr {
+        address(self.ipv6, &self.local_ip, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        address(self.ipv6, &self.remote_ip, self.remote_port)
+    }
+
     /// The socket's own keepalive settings, in seconds with `hz` jiffies a second.
     pub fn own(&self, hz: u32) -> OwnKeepalive {
         let seconds = |jiffies: u32| (jiffies != 0).then(|| jiffies / hz.max(1));
@@ -112,12 +128,12 @@ impl Record {
         socket.comm.clear();
         socket.comm.push_str(&String::from_utf8_lossy(name));
         socket.inode = self.inode;
-        socket.netns = self.netns;
+        socket.netns = u64::from(self.netns);
         socket.pid = self.pid;
         socket.fd = self.fd;
         socket.holders = holders;
-        socket.local = self.local;
-        socket.remote = self.remote;
+        socket.local = self.local();
+        socket.remote = self.remote();
         socket.state = self.state;
         socket.keepalive = self.keepalive;
         socket.own = self.own(hz);
@@ -142,31 +158,52 @@ pub mod tests {
         b[0..4].copy_from_slice(&MAGIC.to_ne_bytes());
         b[4..8].copy_from_slice(&r.pid.to_ne_bytes());
         b[8..16].copy_from_slice(&r.inode.to_ne_bytes());
-        b[16..20].copy_from_slice(&(r.netns as u32).to_ne_bytes());
+        b[16..20].copy_from_slice(&r.netns.to_ne_bytes());
         b[20..24].copy_from_slice(&r.fd.to_ne_bytes());
         b[24..28].copy_from_slice(&r.keepalive_time.to_ne_bytes());
         b[28..32].copy_from_slice(&r.keepalive_intvl.to_ne_bytes());
         b[32..36].copy_from_slice(&r.user_timeout_ms.to_ne_bytes());
-        let (family, local, remote): (u16, Vec<u8>, Vec<u8>) = match (r.local.ip(), r.remote.ip()) {
-            (IpAddr::V4(l), IpAddr::V4(p)) => (AF_INET, l.octets().to_vec(), p.octets().to_vec()),
-            (IpAddr::V6(l), IpAddr::V6(p)) => (AF_INET6, l.octets().to_vec(), p.octets().to_vec()),
-            _ => panic!("mixed families"),
-        };
+        let family = if r.ipv6 { AF_INET6 } else { AF_INET };
         b[36..38].copy_from_slice(&family.to_ne_bytes());
-        b[38..40].copy_from_slice(&r.local.port().to_ne_bytes());
-        b[40..42].copy_from_slice(&r.remote.port().to_be_bytes());
+        b[38..40].copy_from_slice(&r.local_port.to_ne_bytes());
+        b[40..42].copy_from_slice(&r.remote_port.to_be_bytes());
         b[42] = r.state;
         b[43] = u8::from(r.keepalive);
         b[44] = r.probes;
-        b[48..48 + local.len()].copy_from_slice(&local);
-        b[64..64 + remote.len()].copy_from_slice(&remote);
+        b[48..64].copy_from_slice(&r.local_ip);
+        b[64..80].copy_from_slice(&r.remote_ip);
         b[80..96].copy_from_slice(&r.comm);
         b
+    }
+
+    /// A record of a connection between `local` and `remote` (both IPv4 or both IPv6).
+    pub fn between(local: &str, remote: &str) -> Record {
+        let (local, remote): (SocketAddr, SocketAddr) = (local.parse().unwrap(), remote.parse().unwrap());
+        let bytes = |a: SocketAddr| match a.ip() {
+            IpAddr::V4(ip) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&ip.octets());
+                b
+            }
+            IpAddr::V6(ip) => ip.octets(),
+        };
+        Record {
+            local_ip: bytes(local),
+            remote_ip: bytes(remote),
+            local_port: local.port(),
+            remote_port: remote.port(),
+            ipv6: local.is_ipv6(),
+            ..sample()
+        }
     }
 
     pub fn sample() -> Record {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
+        let mut local_ip = [0u8; 16];
+        local_ip[..4].copy_from_slice(&[10, 1, 2, 3]);
+        let mut remote_ip = [0u8; 16];
+        remote_ip[..4].copy_from_slice(&[10, 9, 8, 7]);
         Record {
             pid: 4242,
             inode: 123_456_789_012,
@@ -175,8 +212,11 @@ pub mod tests {
             keepalive_time: 7200 * 250,
             keepalive_intvl: 0,
             user_timeout_ms: 30_000,
-            local: "10.1.2.3:43210".parse().unwrap(),
-            remote: "10.9.8.7:5432".parse().unwrap(),
+            local_ip,
+            remote_ip,
+            local_port: 43210,
+            remote_port: 5432,
+            ipv6: false,
             state: 1,
             keepalive: true,
             probes: 0,
@@ -188,23 +228,26 @@ pub mod tests {
     fn ipv4_record_round_trips() {
         let r = sample();
         assert_eq!(parse(&encode(&r)), Ok(r));
+        let s = r.socket(250, 1);
+        assert_eq!(s.local, "10.1.2.3:43210".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.remote, "10.9.8.7:5432".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.netns, 4_026_531_840);
     }
 
     #[test]
     fn ipv6_record_round_trips() {
-        let r = Record {
-            local: "[fd00::1]:443".parse().unwrap(),
-            remote: "[::ffff:127.0.0.1]:1".parse().unwrap(),
-            ..sample()
-        };
+        let r = between("[fd00::1]:443", "[::ffff:127.0.0.1]:1");
         assert_eq!(parse(&encode(&r)), Ok(r));
+        let s = r.socket(250, 1);
+        assert_eq!(s.local, "[fd00::1]:443".parse::<SocketAddr>().unwrap());
+        assert_eq!(s.remote, "[::ffff:127.0.0.1]:1".parse::<SocketAddr>().unwrap());
     }
 
     #[test]
     fn remote_port_is_read_in_network_order() {
         let mut b = encode(&sample());
         b[40..42].copy_from_slice(&[0x15, 0x38]); // 5432
-        assert_eq!(parse(&b).unwrap().remote.port(), 5432);
+        assert_eq!(parse(&b).unwrap().remote().port(), 5432);
     }
 
     #[test]

@@ -2,13 +2,16 @@
 // record (struct record below, parsed by record.rs) with the socket's addresses, state, keepalive settings, network
 // namespace and holder. Read-only: it reads kernel memory and writes to the iterator's output, nothing else.
 //
-// Built by build.rs with clang alone (-target bpfel or bpfeb): no kernel headers and no libbpf. The kernel structures are
-// declared here with only the fields read, marked preserve_access_index, so every field offset is a CO-RE
-// relocation that the loader (aya) resolves against the running kernel's BTF (/sys/kernel/btf/vmlinux) — the object
-// is built once and runs on any kernel with BTF and bpf_sock_from_file (Linux 5.11 and later).
+// Built by build.rs with clang alone (-target bpfel, or bpfeb on big-endian machines): no kernel headers, no libbpf.
+// The kernel structures are declared here with only the fields read, marked preserve_access_index, so every field
+// offset is a CO-RE relocation that the loader (aya) resolves against the running kernel's BTF
+// (/sys/kernel/btf/vmlinux): the object is built once and runs on any kernel with BTF and bpf_sock_from_file (Linux
+// 5.11 and later).
 //
-// The fields behind `sock->sk` are read with bpf_probe_read_kernel: the verifier treats sock->sk as an untrusted
-// pointer, and tcp_sock's fields lie past the end of struct sock, where direct loads are refused.
+// The task's, the file's and struct sock's fields are read by plain loads, which the verifier checks against the
+// kernel's BTF and makes fault-safe. tcp_sock's and inet_connection_sock's fields lie past the end of struct sock,
+// where it refuses plain loads, and bpf_skc_to_tcp_sock refuses sock->sk (an untrusted pointer): those four are
+// read with bpf_probe_read_kernel.
 
 typedef unsigned char __u8;
 typedef unsigned short __u16;
@@ -148,49 +151,42 @@ int tcp_sockets(struct bpf_iter__task_file *ctx)
 	struct socket *socket = bpf_sock_from_file(file);
 	if (!socket)
 		return 0;
-	struct sock *sk = 0;
-	READ(sk, socket->sk);
+	struct sock *sk = socket->sk;
 	if (!sk)
 		return 0;
 
 	struct record r;
 	__builtin_memset(&r, 0, sizeof(r));
-	READ(r.family, sk->__sk_common.skc_family);
+	r.family = sk->__sk_common.skc_family;
 	if (r.family != AF_INET && r.family != AF_INET6)
 		return 0;
-	__u16 protocol = 0, type = 0;
-	READ(protocol, sk->sk_protocol);
-	READ(type, sk->sk_type);
-	if (protocol != IPPROTO_TCP || type != SOCK_STREAM)
+	if (sk->sk_protocol != IPPROTO_TCP || sk->sk_type != SOCK_STREAM)
 		return 0;
 
 	r.magic = RECORD_MAGIC;
 	r.fd = ctx->fd;
-	READ(r.pid, task->tgid);
-	bpf_probe_read_kernel(r.comm, sizeof(r.comm), task->comm);
-	struct inode *inode = 0;
-	READ(inode, file->f_inode);
+	r.pid = task->tgid;
+	__builtin_memcpy(r.comm, task->comm, sizeof(r.comm));
+	struct inode *inode = file->f_inode;
 	if (inode)
-		READ(r.inode, inode->i_ino);
+		r.inode = inode->i_ino;
 
-	READ(r.state, sk->__sk_common.skc_state);
-	unsigned long flags = 0;
-	READ(flags, sk->__sk_common.skc_flags);
-	r.keepalive = (flags >> SOCK_KEEPOPEN) & 1;
-	READ(r.local_port, sk->__sk_common.skc_num);
-	READ(r.remote_port, sk->__sk_common.skc_dport);
+	r.state = sk->__sk_common.skc_state;
+	r.keepalive = (sk->__sk_common.skc_flags >> SOCK_KEEPOPEN) & 1;
+	r.local_port = sk->__sk_common.skc_num;
+	r.remote_port = sk->__sk_common.skc_dport;
 	if (r.family == AF_INET) {
-		bpf_probe_read_kernel(r.local, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_probe_read_kernel(r.remote, 4, &sk->__sk_common.skc_daddr);
+		__builtin_memcpy(r.local, &sk->__sk_common.skc_rcv_saddr, 4);
+		__builtin_memcpy(r.remote, &sk->__sk_common.skc_daddr, 4);
 	} else {
-		bpf_probe_read_kernel(r.local, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_probe_read_kernel(r.remote, 16, &sk->__sk_common.skc_v6_daddr);
+		__builtin_memcpy(r.local, &sk->__sk_common.skc_v6_rcv_saddr, 16);
+		__builtin_memcpy(r.remote, &sk->__sk_common.skc_v6_daddr, 16);
 	}
-	struct net *net = 0;
-	READ(net, sk->__sk_common.skc_net.net);
+	struct net *net = sk->__sk_common.skc_net.net;
 	if (net)
-		READ(r.netns, net->ns.inum);
+		r.netns = net->ns.inum;
 
+	// The socket is TCP (checked above): sk is the start of its tcp_sock.
 	struct tcp_sock *tp = (struct tcp_sock *)sk;
 	READ(r.keepalive_time, tp->keepalive_time);
 	READ(r.keepalive_intvl, tp->keepalive_intvl);
