@@ -49,7 +49,7 @@ const MAX_EAGAIN: u32 = 10_000;
 /// One TCP socket, as the kernel holds it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
-    /// The socket's inode (`socket:[N]` in /proc/<pid>/fd).
+    /// The socket's inode (`socket:[N]` in `/proc/<pid>/fd`).
     pub inode: u64,
     /// The inode of the socket's network namespace (`readlink /proc/<pid>/ns/net`): which pod it belongs to.
     pub netns: u64,
@@ -57,7 +57,7 @@ pub struct TcpSocket {
     pub pid: u32,
     /// Its descriptor in that process.
     pub fd: u32,
-    /// That process's command name (up to 16 characters, as in /proc/<pid>/comm).
+    /// That process's command name (up to 16 characters, as in `/proc/<pid>/comm`).
     pub comm: String,
     /// How many descriptors hold the socket, in all processes (a socket shared with a forked child: 2).
     pub holders: u32,
