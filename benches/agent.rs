@@ -1,4 +1,4 @@
-//! Two groups (`cargo bench --bench agent [scan|sockets]`; both without an argument):
+//! Three groups (`cargo bench --bench agent [scan|sockets|per-socket]`; all without an argument):
 //!
 //! `scan` — one scan of a node with 110 pods (the kubelet default maximum), each a real network namespace with a
 //! process in a kubelet-style cgroup and open TCP connections, through the agent's scanner (`report::Scanner`).
@@ -13,6 +13,12 @@
 //! its own. Baselines in the same run: today's count-only sock_diag dump of every namespace, and reading the same
 //! values socket by socket with pidfd_getfd + getsockopt. Targets: 11 000 sockets ≤ 25 ms, 100 000 ≤ 150 ms
 //! (medians); the reader's RSS, in a process of its own.
+//!
+//! `per-socket` — the agent's whole per-connection scan (`Counting::PerSocket`: the BPF pass, each socket joined to
+//! its pod and summarised) of 110 pods × 100 established sockets (11 000), through the scanner as the agent runs
+//! it; baselines in the same run: the count-only scans (sock_diag, every pod, and the default third of the pods),
+//! then the real agent process reading per socket: its RSS once it reports the 110 pods with their sockets.
+//! Targets: full per-connection scan ≤ 25 ms median, agent RSS ≤ 40 MiB.
 //!
 //! Needs root. Run: cargo bench --bench agent
 
@@ -37,6 +43,90 @@ fn main() {
     if wanted("sockets") {
         sockets::run();
     }
+    if wanted("per-socket") {
+        per_socket();
+    }
+}
+
+/// The agent's per-connection scan of 110 pods × 100 sockets, beside the count-only scans, then the real agent.
+fn per_socket() {
+    let setup = Instant::now();
+    let mut sandboxes = Vec::new();
+    let mut connections = Vec::new();
+    for i in 0..PODS {
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", 0x9e50_0000u32 + i as u32, i);
+        let s = Sandbox::new(&format!("p{i}"), &uid, Layout::CgroupfsBurstable, Some((30, 5, 3)));
+        // 50 loopback connections: 100 established sockets in the pod's namespace, 25 clients armed.
+        connections.push(s.connect(25, 25));
+        sandboxes.push(s);
+    }
+    let ours: std::collections::HashSet<String> = sandboxes.iter().map(|s| s.uid.clone()).collect();
+    println!(
+        "per-socket scan: {PODS} pods × 100 established sockets = {} (setup {:.1} s)",
+        PODS * 100,
+        setup.elapsed().as_secs_f64()
+    );
+    let proc = Path::new("/proc");
+    let run = |counting: Counting, every: u32| {
+        let mut scanner = Scanner::with_counting(proc.to_path_buf(), std::process::id(), counting, every);
+        let mut previous = Vec::new();
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            let scan = scanner.scan(&previous, &Time(Timestamp::now()));
+            times.push(t.elapsed());
+            let mut reports = scan.pods;
+            reports.retain(|r| ours.contains(&r.uid));
+            assert_eq!(reports.len(), PODS, "every pod read");
+            if counting == Counting::PerSocket {
+                assert!(
+                    reports.iter().all(|r| r.established == 100
+                        && r.keepalive == 25
+                        && r.sockets.as_ref().is_some_and(|s| s.groups.len() == 2)),
+                    "every socket of every pod classified"
+                );
+            }
+            previous = reports;
+        }
+        times.remove(0);
+        times.sort();
+        times
+    };
+    let per_socket = run(Counting::PerSocket, 1);
+    let counted_all = run(Counting::SockDiag, 1);
+    let counted_third = run(Counting::SockDiag, 3);
+    let ratio = |a: std::time::Duration, b: std::time::Duration| a.as_secs_f64() / b.as_secs_f64();
+    xtask::bench::millis(
+        "per-socket scan, median of 20 (BPF pass + summaries, every pod)",
+        per_socket[10],
+    );
+    xtask::bench::millis("  slowest of 20", per_socket[19]);
+    xtask::bench::millis(
+        "baseline: count-only scan, sock_diag every pod, median",
+        counted_all[10],
+    );
+    xtask::bench::millis(
+        "baseline: count-only scan, sock_diag 1/3 of pods (default), median",
+        counted_third[10],
+    );
+    xtask::bench::row(
+        "  per-socket / count-only (every pod)",
+        format!("{:.2}", ratio(per_socket[10], counted_all[10])),
+    );
+    xtask::bench::row(
+        "  per-socket / count-only (1/3 of pods)",
+        format!("{:.2}", ratio(per_socket[10], counted_third[10])),
+    );
+    println!(
+        "target: full per-connection scan ≤ 25 ms median: {}",
+        if per_socket[10].as_millis() <= 25 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    real_agent(&sandboxes);
+    drop(connections);
 }
 
 fn scan() {
