@@ -299,7 +299,9 @@ async fn kubectl_get_prints_the_columns() {
         "apiVersion": "keepalive.dev/v1alpha1",
         "kind": "KeepalivePolicy",
         "status": {"observedGeneration": 1, "matchedPods": 7, "conformantPods": 5, "liveVerifiedPods": 4,
-            "connections": {"established": 12, "keepalive": 9}, "connectionCoverage": "9/12"},
+            "connections": {"established": 12, "keepalive": 9, "classified": 12, "protected": 6, "protectedByApp": 2,
+                "armedTooLate": 1, "unarmed": 3},
+            "connectionCoverage": "9/12", "protectedConnections": "8/12"},
     });
     policies
         .patch_status(
@@ -325,17 +327,18 @@ async fn kubectl_get_prints_the_columns() {
                 "CONFORMANT",
                 "LIVE",
                 "COVERAGE",
+                "PROTECTED",
                 "AGE"
             ],
             "kubectl get {resource}:\n{out}"
         );
         assert_eq!(
-            lines[1][..9],
-            ["printer-columns", "45", "9", "4", "Fill", "7", "5", "4", "9/12"],
+            lines[1][..10],
+            ["printer-columns", "45", "9", "4", "Fill", "7", "5", "4", "9/12", "8/12"],
             "kubectl get {resource}:\n{out}"
         );
         assert!(
-            lines[1][9].ends_with('s') || lines[1][9].ends_with('m'),
+            lines[1][10].ends_with('s') || lines[1][10].ends_with('m'),
             "AGE column: {out}"
         );
     }
