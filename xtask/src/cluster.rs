@@ -51,7 +51,25 @@ pub fn shared() -> &'static ControlPlane {
 
 impl ControlPlane {
     /// Builds the binaries if needed (see `hack/tools.sh`) and starts etcd and kube-apiserver.
+    ///
+    /// Ports are picked free and bound by etcd and the apiserver a moment later, so another process (another
+    /// test starting its own control plane) can take one in between: a start that fails is tried again, twice,
+    /// with new ports.
     pub fn start() -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Ok(cp) => return Ok(cp),
+                Err(e) if attempt < 3 => {
+                    eprintln!("[cluster] starting the control plane failed (attempt {attempt}), again: {e:#}");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once() -> Result<Self> {
         let bin = tools::bin_dir()?;
         let dir = tempfile::Builder::new().prefix("keepalive-cp-").tempdir()?;
         write_pki(dir.path())?;
