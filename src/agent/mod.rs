@@ -204,7 +204,7 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                 }
                 last_scan.store(started_at.elapsed().as_secs().max(1), Ordering::Relaxed);
                 let pod_reports = scan.pods;
-                let spec = KeepaliveNodeReportSpec {
+                let mut spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
                     scan_interval_seconds: i32::try_from(args.scan_interval_seconds).unwrap_or(i32::MAX),
@@ -214,6 +214,9 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                     unverified_pods: pod_reports.iter().filter(|r| r.sysctls.is_none()).count() as i32,
                     pods: pod_reports,
                 };
+                if let Some(cut) = fit_report(&mut spec, MAX_REPORT_BYTES) {
+                    tracing::warn!(cut, "the node report is over {MAX_REPORT_BYTES} bytes: socket details left out");
+                }
                 let last = written.as_ref().map(|(old, at)| (old, at.elapsed()));
                 if !write_due(last, &spec, Duration::from_secs(args.heartbeat_seconds)) {
                     continue;
@@ -246,6 +249,37 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
             _ = &mut shutdown => return Ok(()),
         }
     }
+}
+
+/// Most bytes of a node report's spec (etcd refuses requests over 1.5 MiB by default): with many pods, their
+/// socket details are left out first.
+pub const MAX_REPORT_BYTES: usize = 1024 * 1024;
+
+/// Keeps the report under `max_bytes` of JSON: drops the pods' weakest destinations, then their socket groups,
+/// saying so in `connectionReading`. Returns what was cut, if anything.
+pub fn fit_report(spec: &mut KeepaliveNodeReportSpec, max_bytes: usize) -> Option<&'static str> {
+    let size = |spec: &KeepaliveNodeReportSpec| serde_json::to_vec(spec).map_or(usize::MAX, |v| v.len());
+    if size(spec) <= max_bytes {
+        return None;
+    }
+    let mut cut = "weakest destinations";
+    for pod in spec.pods.iter_mut().filter_map(|p| p.sockets.as_mut()) {
+        pod.weakest.clear();
+    }
+    if size(spec) > max_bytes {
+        cut = "socket summaries";
+        for pod in &mut spec.pods {
+            pod.sockets = None;
+        }
+    }
+    let reading = spec.connection_reading.get_or_insert(crate::api::ConnectionReading {
+        method: crate::api::ConnectionMethod::PerSocket,
+        message: None,
+    });
+    reading.message = Some(format!(
+        "{cut} left out of this report: it would be over {max_bytes} bytes with them"
+    ));
+    Some(cut)
 }
 
 /// Whether a report is written now: the first one; one whose readings changed (connection counts move all the
@@ -296,6 +330,39 @@ mod tests {
             unverified_pods: 0,
             pods: vec![super::scanner::tests::reading(established, at, time)],
         }
+    }
+
+    #[test]
+    fn an_oversized_report_sheds_socket_details_first() {
+        use crate::api::{Destination, SocketSummary};
+        let mut big = spec(100, 2, 60);
+        let destination = Destination {
+            remote: "[fd00::1234:5678:9abc:def0]:65535".into(),
+            process: "a-long-comm-name".into(),
+            keepalive: false,
+            idle_seconds: 0,
+            connections: 1,
+        };
+        big.pods[0].sockets = Some(SocketSummary {
+            groups: vec![],
+            weakest: vec![destination; 5],
+        });
+        let whole = serde_json::to_vec(&big).unwrap().len();
+        assert_eq!(fit_report(&mut big.clone(), whole), None, "at the bound: kept");
+        let mut cut = big.clone();
+        assert_eq!(fit_report(&mut cut, whole - 1), Some("weakest destinations"));
+        assert!(cut.pods[0].sockets.as_ref().unwrap().weakest.is_empty());
+        assert!(
+            cut.connection_reading
+                .unwrap()
+                .message
+                .unwrap()
+                .contains("weakest destinations left out")
+        );
+        let mut cut = big.clone();
+        assert_eq!(fit_report(&mut cut, 10), Some("socket summaries"));
+        assert_eq!(cut.pods[0].sockets, None);
+        assert_eq!(cut.pods[0].sysctls, big.pods[0].sysctls, "the readings stay");
     }
 
     #[test]
