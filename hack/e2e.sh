@@ -453,6 +453,14 @@ spec:
 EOF
 kubectl wait -n "$PLAIN_NS" pod/conn-server --for=condition=Ready --timeout=60s >/dev/null
 conn_server_ip="$(kubectl get pod -n "$PLAIN_NS" conn-server -o jsonpath='{.status.podIP}')"
+# The new policy reaches admission once the operator has recompiled the admission policy (or the webhook's cache has
+# it): a server-side dry run shows when a pod created now gets its values.
+deadline=$((SECONDS + 90))
+until kubectl run lb-probe -n "$CONN_NS" --image="$WORKLOAD_IMAGE" --restart=Never --dry-run=server \
+  -o jsonpath='{.spec.securityContext.sysctls[*].value}' 2>/dev/null | grep -x '20 5 3' >/dev/null; do
+  ((SECONDS < deadline)) || break
+  sleep 1
+done
 # One connection of each kind: go-default (Go's runtime: 15 s / 15 s / 9), own-idle-7200, sysctl (SO_KEEPALIVE
 # only), none, user-timeout (SO_KEEPALIVE + TCP_USER_TIMEOUT 30 s).
 kubectl run classes -n "$CONN_NS" --image="$WORKLOAD_IMAGE" --image-pull-policy=Never --restart=Never \
