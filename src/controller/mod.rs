@@ -6,7 +6,7 @@ pub mod conformance;
 pub mod injection;
 mod leader;
 mod metrics;
-mod node_reports;
+pub mod node_reports;
 mod status_writer;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::OwnerReference, jiff::Timestamp};
 
-use super::conformance::NodeLive;
+use super::conformance::{Conformance, NodeLive};
+use crate::{api::KeepaliveNodeReport, runtime::watch::Index};
 
 /// What to do about one report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +71,17 @@ impl NodeReports {
             },
             (None, _) => Trust::Pending,
         })
+    }
+
+    /// Feeds `state` the report `name` (received at `now`) if it is trusted, withdraws it otherwise; returns its
+    /// trust, for the leader's stamps and deletions.
+    pub fn feed(&self, name: &str, state: &mut Conformance, now: Timestamp) -> Option<Trust> {
+        let trust = self.trust(name);
+        match (&trust, self.live(name)) {
+            (Some(Trust::Trusted), Some(live)) => state.set_node_report(name, live.clone(), now),
+            _ => state.remove_node_report(name),
+        }
+        trust
     }
 
     /// The UID of the report `name`.
@@ -139,6 +151,39 @@ impl NodeReports {
     /// The Nodes cannot be listed (the operator's role predates node-bound reports): trust reports by name.
     pub fn set_nodes_unreadable(&mut self) {
         self.nodes_unreadable = true;
+    }
+}
+
+/// The node report watch into [`NodeReports`], noting which reports changed.
+pub struct Reports<'a> {
+    pub reports: &'a mut NodeReports,
+    pub touched: &'a mut Vec<String>,
+}
+
+impl Index<KeepaliveNodeReport> for Reports<'_> {
+    type Entry = (String, HeldReport);
+
+    fn entry(&mut self, report: KeepaliveNodeReport) -> Option<Self::Entry> {
+        let name = report.metadata.name?;
+        let held = HeldReport {
+            uid: report.metadata.uid?,
+            owner: HeldReport::node_owner(&name, report.metadata.owner_references.as_deref()),
+            live: NodeLive::from_report(&report.spec),
+        };
+        Some((name, held))
+    }
+    fn apply(&mut self, (name, held): Self::Entry) {
+        self.touched.push(name.clone());
+        self.reports.set_report(name, held);
+    }
+    fn delete(&mut self, report: KeepaliveNodeReport) {
+        if let Some(name) = report.metadata.name {
+            self.reports.remove_report(&name);
+            self.touched.push(name);
+        }
+    }
+    fn reset(&mut self, reports: Vec<Self::Entry>) {
+        self.touched.extend(self.reports.replace_reports(reports));
     }
 }
 

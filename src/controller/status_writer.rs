@@ -33,11 +33,11 @@ use tokio::sync::watch;
 
 use super::{
     caches::{Caches, NamespaceChanges},
-    conformance::{self, Conformance, NodeLive},
+    conformance::{self, Conformance},
     injection,
     leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
-    node_reports::{HeldReport, NodeReports, Trust},
+    node_reports::{NodeReports, Reports, Trust},
 };
 use crate::{
     api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
@@ -284,11 +284,7 @@ impl StatusWriter {
     async fn sync_reports(&mut self, touched: &mut Vec<String>, leading: &Leadership) {
         let now = Timestamp::now();
         for name in std::mem::take(touched) {
-            let trust = self.reports.trust(&name);
-            match (&trust, self.reports.live(&name)) {
-                (Some(Trust::Trusted), Some(live)) => self.state.set_node_report(&name, live.clone(), now),
-                _ => self.state.remove_node_report(&name),
-            }
+            let trust = self.reports.feed(&name, &mut self.state, now);
             let action = match trust {
                 Some(Trust::Stamp { node_uid }) => ReportAction::Stamp(node_uid),
                 Some(Trust::Delete { report_uid }) => ReportAction::Delete(report_uid),
@@ -499,39 +495,6 @@ impl StatusWriter {
 enum ReportAction {
     Stamp(String),
     Delete(String),
-}
-
-/// The node report watch into [`NodeReports`], noting which reports changed.
-struct Reports<'a> {
-    reports: &'a mut NodeReports,
-    touched: &'a mut Vec<String>,
-}
-
-impl Index<KeepaliveNodeReport> for Reports<'_> {
-    type Entry = (String, HeldReport);
-
-    fn entry(&mut self, report: KeepaliveNodeReport) -> Option<Self::Entry> {
-        let name = report.metadata.name?;
-        let held = HeldReport {
-            uid: report.metadata.uid?,
-            owner: HeldReport::node_owner(&name, report.metadata.owner_references.as_deref()),
-            live: NodeLive::from_report(&report.spec),
-        };
-        Some((name, held))
-    }
-    fn apply(&mut self, (name, held): Self::Entry) {
-        self.touched.push(name.clone());
-        self.reports.set_report(name, held);
-    }
-    fn delete(&mut self, report: KeepaliveNodeReport) {
-        if let Some(name) = report.metadata.name {
-            self.reports.remove_report(&name);
-            self.touched.push(name);
-        }
-    }
-    fn reset(&mut self, reports: Vec<Self::Entry>) {
-        self.touched.extend(self.reports.replace_reports(reports));
-    }
 }
 
 /// What is kept of a Node: its name, its UID, and its kubelet's version only when that kubelet rejects the
