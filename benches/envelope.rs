@@ -548,8 +548,8 @@ fn main() {
         totals.1 += s.conformant;
         totals.2 += s.live_verified;
         totals.3 += s.connections.map_or(0, |c| c.classified);
+        assert!(!s.by_reason.contains_key(&conformance::AWAITING), "every pod found in its node's report");
     }
-    assert_eq!(totals.2 as usize, PODS, "every pod judged by its live reading");
 
     // 3. One report absorbed: each node's next heartbeat, from the bytes of its watch event.
     let mut parse = Vec::with_capacity(NODES);
