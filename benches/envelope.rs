@@ -231,7 +231,16 @@ fn remote(d: usize) -> SocketAddr {
     let d = d % 20_000;
     let port = PORTS[d % PORTS.len()];
     let ip = if d.is_multiple_of(3) {
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, (d / 256) as u16, (d % 256) as u16))
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x10,
+            0x96,
+            0,
+            0,
+            0,
+            (d / 256) as u16,
+            (d % 256) as u16,
+        ))
     } else if d % 3 == 1 {
         IpAddr::V4(Ipv4Addr::new(10, 96, (d / 256 % 256) as u8, (d % 256) as u8))
     } else {
@@ -548,7 +557,10 @@ fn main() {
         totals.1 += s.conformant;
         totals.2 += s.live_verified;
         totals.3 += s.connections.map_or(0, |c| c.classified);
-        assert!(!s.by_reason.contains_key(&conformance::AWAITING), "every pod found in its node's report");
+        assert!(
+            !s.by_reason.contains_key(&conformance::AWAITING),
+            "every pod found in its node's report"
+        );
     }
 
     // 3. One report absorbed: each node's next heartbeat, from the bytes of its watch event.
@@ -608,11 +620,18 @@ fn main() {
     let per_s = |d: Duration| format!("{:.1} ms/s", d.as_secs_f64() * 1e3 / churn_wall.as_secs_f64());
 
     // 5. Sizes, as serialized.
-    let pod_bytes: usize = (0..1000).map(|i| serde_json::to_vec(&synthetic_pod(i * 149)).unwrap().len()).sum::<usize>() / 1000;
+    let pod_bytes: usize = (0..1000)
+        .map(|i| serde_json::to_vec(&synthetic_pod(i * 149)).unwrap().len())
+        .sum::<usize>()
+        / 1000;
     let sample: Vec<usize> = (0..NODES).step_by(50).collect();
     let avg = |f: &dyn Fn(usize) -> usize| sample.iter().map(|n| f(*n)).sum::<usize>() / sample.len();
     let body_bytes = avg(&|n| serde_json::to_vec(&apply_body(n, &report_spec(n, 1))).unwrap().len());
-    let stored_bytes = avg(&|n| serde_json::to_vec(&stored_report(n, 1, report_spec(n, 1))).unwrap().len());
+    let stored_bytes = avg(&|n| {
+        serde_json::to_vec(&stored_report(n, 1, report_spec(n, 1)))
+            .unwrap()
+            .len()
+    });
     let spec_bytes = avg(&|n| serde_json::to_vec(&report_spec(n, 1)).unwrap().len());
     let sockets_bytes = avg(&|n| {
         report_spec(n, 1)
@@ -656,10 +675,16 @@ fn main() {
     xtask::bench::millis("ingest of the 5 000 reports (relist)", report_ingest);
     xtask::bench::millis("full recompute, with live readings", recompute_live);
     xtask::bench::millis("baseline: full recompute, spec only", recompute_spec_only);
-    xtask::bench::row("one report absorbed (event bytes → state), p50", micros(percentile(&absorb, 0.5)));
+    xtask::bench::row(
+        "one report absorbed (event bytes → state), p50",
+        micros(percentile(&absorb, 0.5)),
+    );
     xtask::bench::row("one report absorbed, p99", micros(percentile(&absorb, 0.99)));
     xtask::bench::row("one report absorbed, max", micros(*absorb.last().unwrap()));
-    xtask::bench::row("baseline: parsing its watch event alone, p50", micros(percentile(&parse, 0.5)));
+    xtask::bench::row(
+        "baseline: parsing its watch event alone, p50",
+        micros(percentile(&parse, 0.5)),
+    );
     xtask::bench::row("baseline: parsing alone, p99", micros(percentile(&parse, 0.99)));
     println!(
         "-- steady churn: {absorbed} reports in {:.1} s ({:.1}/s), status tick every {} ms",
@@ -685,21 +710,30 @@ fn main() {
     xtask::bench::row("report spec (30 pods)", format!("{spec_bytes} B"));
     xtask::bench::row("  of which socket summaries", format!("{sockets_bytes} B"));
     xtask::bench::row("agent's apply body (one write)", format!("{body_bytes} B"));
-    xtask::bench::row("report as stored (+ ownerRef, managedFields)", format!("{stored_bytes} B"));
+    xtask::bench::row(
+        "report as stored (+ ownerRef, managedFields)",
+        format!("{stored_bytes} B"),
+    );
     xtask::bench::row("  of which managedFields", format!("{managed_bytes} B"));
     xtask::bench::row("watch event (as parsed above)", format!("{event_avg} B"));
     if let Some(Ok((body, stored, managed))) = &apiserver {
         let model = stored_report(0, 1, report_spec(0, 1));
         xtask::bench::row("real apiserver: node-0000's apply body", format!("{body} B"));
         xtask::bench::row("real apiserver: node-0000 as stored (GET)", format!("{stored} B"));
-        xtask::bench::row("  in-process model of the same", format!("{} B", serde_json::to_vec(&model).unwrap().len()));
+        xtask::bench::row(
+            "  in-process model of the same",
+            format!("{} B", serde_json::to_vec(&model).unwrap().len()),
+        );
         xtask::bench::row("real apiserver: its managedFields", format!("{managed} B"));
         let model_managed = serde_json::to_vec(&model.metadata.managed_fields).unwrap().len();
         xtask::bench::row("  in-process model of the same", format!("{model_managed} B"));
     } else if let Some(Err(e)) = &apiserver {
         println!("(no apiserver check: {e})");
     }
-    xtask::bench::row("agent writes (steady: heartbeat only)", format!("{reports_per_s:.1} req/s"));
+    xtask::bench::row(
+        "agent writes (steady: heartbeat only)",
+        format!("{reports_per_s:.1} req/s"),
+    );
     xtask::bench::row(
         "  write bodies into the apiserver",
         format!("{:.2} MiB/s", reports_per_s * body_bytes as f64 / 1048576.0),
@@ -726,9 +760,17 @@ fn main() {
         "targets: controller RSS ≤ 200 MiB: {} ({mib_total:.1}); full recompute ≤ 1 s: {} ({:.0} ms); one report \
          absorbed ≤ 1 ms: {} (p99 {:.2} ms)",
         if mib_total <= 200.0 { "met" } else { "MISSED" },
-        if recompute_live <= Duration::from_secs(1) { "met" } else { "MISSED" },
+        if recompute_live <= Duration::from_secs(1) {
+            "met"
+        } else {
+            "MISSED"
+        },
         recompute_live.as_secs_f64() * 1e3,
-        if p99 <= Duration::from_millis(1) { "met" } else { "MISSED" },
+        if p99 <= Duration::from_millis(1) {
+            "met"
+        } else {
+            "MISSED"
+        },
         p99.as_secs_f64() * 1e3,
     );
 }
@@ -743,13 +785,20 @@ fn apiserver_sizes(spec: &KeepaliveNodeReportSpec) -> Result<(usize, usize, usiz
     };
     let cp = xtask::ControlPlane::start().map_err(|e| format!("control plane: {e:#}"))?;
     cp.install_crds().map_err(|e| format!("CRDs: {e:#}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let client = cp.client().await.map_err(|e| format!("client: {e:#}"))?;
         let api: Api<KeepaliveNodeReport> = Api::all(client.clone());
         let body = apply_body(0, spec);
         let written = api
-            .patch(&node_name(0), &PatchParams::apply(AGENT_MANAGER).force(), &Patch::Apply(&body))
+            .patch(
+                &node_name(0),
+                &PatchParams::apply(AGENT_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
             .await
             .map_err(|e| format!("apply: {e}"))?;
         let patch: json_patch::Patch = serde_json::from_value(json!([
@@ -763,9 +812,13 @@ fn apiserver_sizes(spec: &KeepaliveNodeReportSpec) -> Result<(usize, usize, usiz
             .await
             .map_err(|e| format!("stamp: {e}"))?;
         // The agent's next heartbeat, over the stamped object.
-        api.patch(&node_name(0), &PatchParams::apply(AGENT_MANAGER).force(), &Patch::Apply(&body))
-            .await
-            .map_err(|e| format!("apply: {e}"))?;
+        api.patch(
+            &node_name(0),
+            &PatchParams::apply(AGENT_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(|e| format!("apply: {e}"))?;
         let request = hyper::Request::get(format!(
             "/apis/keepalive.dev/v1alpha1/keepalivenodereports/{}",
             node_name(0)

@@ -5,11 +5,11 @@
 //!
 //! Pure state and decisions; the status writer performs the stamps and deletions (leader only).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::OwnerReference, jiff::Timestamp};
 
-use super::conformance::{Conformance, NodeLive};
+use super::conformance::{Conformance, NodeLive, Strings};
 use crate::{api::KeepaliveNodeReport, runtime::watch::Index};
 
 /// What to do about one report.
@@ -31,7 +31,8 @@ pub struct HeldReport {
     pub uid: String,
     /// The UID of the Node its ownerReference names, if it has one.
     pub owner: Option<String>,
-    pub live: NodeLive,
+    /// Shared with [`Conformance`], which judges the node's pods by it.
+    pub live: Arc<NodeLive>,
 }
 
 impl HeldReport {
@@ -52,6 +53,8 @@ pub struct NodeReports {
     /// The Nodes cannot be read (no permission): every report is trusted, as before reports were bound to nodes.
     nodes_unreadable: bool,
     reports: HashMap<String, HeldReport>,
+    /// The destinations' addresses and process names of every report's socket summaries.
+    strings: Strings,
 }
 
 impl NodeReports {
@@ -89,7 +92,7 @@ impl NodeReports {
         self.reports.get(name).map(|r| r.uid.clone())
     }
 
-    pub fn live(&self, name: &str) -> Option<&NodeLive> {
+    pub fn live(&self, name: &str) -> Option<&Arc<NodeLive>> {
         self.reports.get(name).map(|r| &r.live)
     }
 
@@ -168,7 +171,7 @@ impl Index<KeepaliveNodeReport> for Reports<'_> {
         let held = HeldReport {
             uid: report.metadata.uid?,
             owner: HeldReport::node_owner(&name, report.metadata.owner_references.as_deref()),
-            live: NodeLive::from_report(&report.spec),
+            live: Arc::new(NodeLive::from_report_with(&report.spec, &mut self.reports.strings)),
         };
         Some((name, held))
     }
@@ -197,12 +200,12 @@ mod tests {
         HeldReport {
             uid: uid.into(),
             owner: owner.map(String::from),
-            live: NodeLive {
+            live: Arc::new(NodeLive {
                 last_scan: Timestamp::UNIX_EPOCH,
                 stale_after: SignedDuration::from_secs(180),
                 node_sysctls: None,
                 pods: Default::default(),
-            },
+            }),
         }
     }
 

@@ -27,17 +27,19 @@ use k8s_openapi::{
 };
 
 mod pod;
+mod sockets;
 mod status;
 
 use self::pod::Interner;
 pub use self::{
     pod::{CachedPod, PodKey, parse_uid},
+    sockets::{Sockets, Strings},
     status::{Injection, same_report, status},
 };
 use crate::{
     api::{
         ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_VIOLATION_MESSAGE_CHARS,
-        MAX_VIOLATIONS, SocketSummary, Violation,
+        MAX_VIOLATIONS, Violation,
     },
     policy::{
         self, ClusterFacts, Kubelet, PolicyEntry, PolicySet, Reason, Verdict,
@@ -74,7 +76,7 @@ pub struct PodReading {
     pub established: u32,
     pub keepalive: u32,
     /// The connections read socket by socket, where the agent does.
-    pub sockets: Option<Arc<SocketSummary>>,
+    pub sockets: Option<Sockets>,
     pub error: Option<Arc<str>>,
 }
 
@@ -90,6 +92,11 @@ pub struct NodeLive {
 
 impl NodeLive {
     pub fn from_report(spec: &KeepaliveNodeReportSpec) -> Self {
+        Self::from_report_with(spec, &mut Strings::default())
+    }
+
+    /// [`NodeLive::from_report`], the destinations' strings interned in `strings`.
+    pub fn from_report_with(spec: &KeepaliveNodeReportSpec, strings: &mut Strings) -> Self {
         NodeLive {
             last_scan: spec.last_scan.0,
             // The schema bounds the heartbeat; a report from before the bound is clamped to it.
@@ -105,7 +112,7 @@ impl NodeLive {
                         sysctls: p.sysctls,
                         established: p.established.max(0) as u32,
                         keepalive: p.keepalive.max(0) as u32,
-                        sockets: p.sockets.clone().map(Arc::new),
+                        sockets: p.sockets.clone().map(|s| Sockets::new(s, strings)),
                         error: p.error.as_deref().map(Arc::from),
                     };
                     (parse_uid(&p.uid), reading)
@@ -120,7 +127,7 @@ impl NodeLive {
 /// cannot find from one it has not scanned yet).
 #[derive(Clone, Debug)]
 struct NodeState {
-    live: NodeLive,
+    live: Arc<NodeLive>,
     received: Timestamp,
     fresh: bool,
     reports: u32,
@@ -287,7 +294,7 @@ impl Conformance {
     }
 
     fn judge(&self, pod: &CachedPod) -> Option<Owned> {
-        let j = self.evaluate(pod)?;
+        let j = self.evaluate(pod, false)?;
         let reason = match j.verdict {
             Verdict::Conformant => None,
             Verdict::Violation { reason, .. } => Some(reason),
@@ -302,7 +309,9 @@ impl Conformance {
 
     /// The policy that owns the pod and the verdict: by the pod spec, then by the live reading of a fresh node
     /// report when there is one.
-    fn evaluate(&self, pod: &CachedPod) -> Option<Judgement<'_>> {
+    /// Without `messages`, a violation's message may be left empty where building it costs (the tallies only
+    /// count reasons).
+    fn evaluate(&self, pod: &CachedPod, messages: bool) -> Option<Judgement<'_>> {
         if pod.terminated() {
             return None;
         }
@@ -382,22 +391,30 @@ impl Conformance {
         judgement.connections = reading.filter(|r| r.sysctls.is_some()).map(|r| PodConnections {
             established: r.established,
             keepalive: r.keepalive,
-            classes: r.sockets.as_deref().map(|s| Classes::of(s, bound)),
+            classes: r.sockets.as_ref().map(|s| Classes::of(s.groups(), bound)),
         });
         match (reading.and_then(|r| r.sysctls), &judgement.verdict) {
             // The kernel holds the policy's values: conformant, whatever the spec says.
             (Some(live), _) if policy::live_differences(wanted, &live).is_empty() => {
                 judgement.verified = true;
                 // The values are right; whether the connections will survive is the sockets' business.
-                judgement.verdict = match reading
-                    .and_then(|r| r.sockets.as_deref())
-                    .and_then(|s| policy::connection::unprotected_message(s, bound))
-                {
-                    Some(message) => Verdict::Violation {
+                let unprotected = judgement
+                    .connections
+                    .and_then(|c| c.classes)
+                    .is_some_and(|c| c.unprotected() > 0);
+                judgement.verdict = match reading.and_then(|r| r.sockets.as_ref()) {
+                    Some(sockets) if unprotected => Verdict::Violation {
                         reason: Reason::ConnectionsUnprotected,
-                        message: format!("{message} (read by the agent on node {node_name})"),
+                        // The destinations are named from the whole summary, built only for a message.
+                        message: match messages
+                            .then(|| policy::connection::unprotected_message(&sockets.summary(), bound))
+                            .flatten()
+                        {
+                            Some(message) => format!("{message} (read by the agent on node {node_name})"),
+                            None => String::new(),
+                        },
                     },
-                    None => Verdict::Conformant,
+                    _ => Verdict::Conformant,
                 };
             }
             (Some(live), Verdict::Conformant) => {
@@ -569,7 +586,8 @@ impl Conformance {
 
     /// A node report was received at `now` (this replica's clock): the pods of that node are judged again. The
     /// same report again (a relist, a repeated event) changes nothing.
-    pub fn set_node_report(&mut self, node: &str, live: NodeLive, now: Timestamp) {
+    pub fn set_node_report(&mut self, node: &str, live: impl Into<Arc<NodeLive>>, now: Timestamp) {
+        let live = live.into();
         if self.nodes.get(node).is_some_and(|old| old.live == live) {
             return;
         }
@@ -593,12 +611,17 @@ impl Conformance {
 
     /// Replaces all node reports (a watch relist): the pods of every node that had or has a report are judged
     /// again, once.
-    pub fn replace_node_reports(&mut self, reports: impl IntoIterator<Item = (String, NodeLive)>, now: Timestamp) {
+    pub fn replace_node_reports<L: Into<Arc<NodeLive>>>(
+        &mut self,
+        reports: impl IntoIterator<Item = (String, L)>,
+        now: Timestamp,
+    ) {
         let mut touched: HashSet<Arc<str>> = self.nodes.keys().cloned().collect();
         let mut old = std::mem::take(&mut self.nodes);
         self.nodes = reports
             .into_iter()
             .map(|(name, live)| {
+                let live = live.into();
                 let state = match old.remove(name.as_str()) {
                     // Unchanged: still the report received then.
                     Some(state) if state.live == live => state,
@@ -765,7 +788,7 @@ impl Conformance {
             .take(MAX_VIOLATIONS)
             .filter_map(|key| {
                 let (pod, _) = self.pods.get(key)?;
-                match self.evaluate(pod)?.verdict {
+                match self.evaluate(pod, true)?.verdict {
                     Verdict::Violation { reason, message } => Some(Violation {
                         namespace: pod.namespace.to_string(),
                         name: pod.name.to_string(),

@@ -641,7 +641,7 @@ fn connections_are_judged_against_the_idle_timeout_and_the_worst_named() {
         }],
     };
     let with = |summary: &SocketSummary, established| PodReading {
-        sockets: Some(Arc::new(summary.clone())),
+        sockets: Some(Sockets::from(summary.clone())),
         ..reading(60, established, established)
     };
     c.upsert_pod(on_node(pod("a", "go", &[], Some("60")), "n1", 1));
