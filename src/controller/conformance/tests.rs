@@ -348,7 +348,11 @@ fn live_readings_decide_once_a_fresh_report_exists() {
 
     // A relist with the same report judges the same.
     let before = c.summary("all");
-    let same: Vec<(String, NodeLive)> = c.nodes.iter().map(|(n, s)| (n.to_string(), s.live.clone())).collect();
+    let same: Vec<(String, NodeLive)> = c
+        .nodes
+        .iter()
+        .map(|(n, s)| (n.to_string(), NodeLive::clone(&s.live)))
+        .collect();
     c.replace_node_reports(same, now);
     assert_eq!(c.summary("all"), before);
 
