@@ -1069,18 +1069,24 @@ fn smoke_one(peer: Peer) -> Result<()> {
         &json!({ "apiVersion": "v1", "kind": "List", "items": items }),
     )?;
     let created_at = Instant::now();
-    let out = kubectl.run(&["create", "-o", "json", "-f", list.to_str().context("path")?]);
+    let created = kubectl
+        .run(&["create", "-o", "json", "-f", list.to_str().context("path")?])
+        .and_then(|out| {
+            // One JSON document per created object.
+            serde_json::Deserializer::from_str(&out)
+                .into_iter::<Value>()
+                .collect::<Result<Vec<Value>, _>>()
+                .context("reading kubectl's answer")
+        });
     let elapsed = created_at.elapsed();
-    let out = match out {
-        Ok(out) => out,
+    let pods = match created {
+        Ok(pods) => pods,
         Err(e) => {
             let log = running.log();
             let _ = running.stop();
             return Err(e.context(format!("creating {PODS} pods (log {})", log.display())));
         }
     };
-    let created: Value = serde_json::from_str(&out)?;
-    let pods = created["items"].as_array().cloned().unwrap_or_default();
     let bad: Vec<String> = pods
         .iter()
         .filter(|p| {
