@@ -43,6 +43,9 @@ pub const SYSCTLS: [&str; 3] = [
 /// How long [`Peer::start`] waits for a peer to mutate a dry-run pod before it gives up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The name Gatekeeper is told its pod has (a Pod object of that name is created for it).
+const GATEKEEPER_POD: &str = "gatekeeper-controller-manager-local";
+
 /// Name prefix of every object the peers' policies and webhook configurations create.
 const PREFIX: &str = "keepalive-peer";
 
@@ -138,7 +141,12 @@ impl Peer {
             bail!("go mod download {}@{}: {e}", self.module(), self.version());
         }
         if !out.status.success() {
-            bail!("go mod download {}@{} failed ({})", self.module(), self.version(), out.status);
+            bail!(
+                "go mod download {}@{} failed ({})",
+                self.module(),
+                self.version(),
+                out.status
+            );
         }
         let path = |key: &str| {
             info[key]
@@ -157,7 +165,10 @@ impl Peer {
             return Ok(bin);
         }
         let start = Instant::now();
-        say(self, &format!("building {} {} (first time only)", self.module(), self.version()));
+        say(
+            self,
+            &format!("building {} {} (first time only)", self.module(), self.version()),
+        );
         fs::create_dir_all(&dir)?;
         let (go_mod, _) = self.download()?;
         let upstream = fs::read_to_string(&go_mod).with_context(|| format!("reading {}", go_mod.display()))?;
@@ -168,7 +179,10 @@ impl Peer {
             let _ = fs::remove_file(dir.join("go.sum"));
         }
         if !dir.join("go.sum").is_file() {
-            say(self, "resolving the wrapper module's dependencies (go mod tidy; downloads modules)");
+            say(
+                self,
+                "resolving the wrapper module's dependencies (go mod tidy; downloads modules)",
+            );
             let status = nice(go().args(["mod", "tidy"]))
                 .current_dir(&dir)
                 .status()
@@ -190,7 +204,10 @@ impl Peer {
         let total = total.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
         say(
             self,
-            &format!("compiling {} ({total} packages, cached ones skipped; at nice 19)", self.package()),
+            &format!(
+                "compiling {} ({total} packages, cached ones skipped; at nice 19)",
+                self.package()
+            ),
         );
         let tmp = dir.join(format!("{}.tmp", self.binary()));
         let mut child = nice(go().args(["build", "-v", "-trimpath", "-ldflags", &self.ldflags(), "-o"]))
@@ -288,8 +305,8 @@ pub struct RunningPeer {
     child: Option<Child>,
     log: PathBuf,
     kubectl: Kubectl,
-    /// Cluster objects created for this run, as (resource, name): deleted by [`RunningPeer::stop`].
-    objects: Vec<(String, String)>,
+    /// Objects created for this run, as (resource, name, namespace): deleted by [`RunningPeer::stop`].
+    objects: Vec<(String, String, Option<String>)>,
     /// A label selector of webhook configurations the peer registers itself (Kyverno): deleted after it stopped.
     webhook_selector: Option<String>,
 }
@@ -330,31 +347,35 @@ impl RunningPeer {
     /// nothing), then deletes the webhook configurations it registered itself.
     fn cleanup(&mut self) -> Result<()> {
         let mut errors = Vec::new();
-        for (resource, name) in self.objects.iter().rev() {
-            if let Err(e) = self.kubectl.run(&[
+        for (resource, name, namespace) in self.objects.iter().rev() {
+            let mut args = vec![
                 "delete",
                 resource,
                 name,
                 "--ignore-not-found",
                 "--wait=true",
                 "--timeout=60s",
-            ]) {
+            ];
+            if let Some(namespace) = namespace {
+                args.extend(["-n", namespace]);
+            }
+            if let Err(e) = self.kubectl.run(&args) {
                 errors.push(format!("{e:#}"));
             }
         }
         if let Some(child) = self.child.take() {
             kill(child);
         }
-        if let Some(selector) = &self.webhook_selector {
-            if let Err(e) = self.kubectl.run(&[
+        if let Some(selector) = &self.webhook_selector
+            && let Err(e) = self.kubectl.run(&[
                 "delete",
                 "mutatingwebhookconfigurations,validatingwebhookconfigurations",
                 "-l",
                 selector,
                 "--ignore-not-found",
-            ]) {
-                errors.push(format!("{e:#}"));
-            }
+            ])
+        {
+            errors.push(format!("{e:#}"));
         }
         if !errors.is_empty() {
             bail!("{}: removing its objects: {}", self.peer.name(), errors.join("; "));
@@ -374,7 +395,8 @@ impl RunningPeer {
             .context("object without a name")?
             .to_string();
         self.kubectl.apply(&format!("{}-{name}", self.peer.name()), &object)?;
-        self.objects.push((resource.to_string(), name));
+        let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
+        self.objects.push((resource.to_string(), name, namespace));
         Ok(())
     }
 
@@ -400,7 +422,14 @@ impl RunningPeer {
             let out = self
                 .kubectl
                 .cmd()
-                .args(["create", "--dry-run=server", "--request-timeout=20s", "-o", "json", "-f"])
+                .args([
+                    "create",
+                    "--dry-run=server",
+                    "--request-timeout=20s",
+                    "-o",
+                    "json",
+                    "-f",
+                ])
                 .arg(&file)
                 .output()?;
             if out.status.success() {
@@ -548,8 +577,25 @@ impl RunningPeer {
             "gatekeeper-namespace",
             &json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": NS } }),
         )?;
+        // Gatekeeper reads its own Pod (POD_NAME) to own the MutatorPodStatus objects it writes per mutator: a Pod
+        // object stands in for it (no kubelet runs it; it stays Pending). The alternative, `--debug-use-fake-pod`,
+        // is a debug flag.
+        self.apply(
+            "pods",
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": GATEKEEPER_POD, "namespace": NS },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "containers": [{ "name": "manager", "image": "registry.invalid/gatekeeper:local" }],
+                },
+            }),
+        )?;
         for (sysctl, value) in SYSCTLS.iter().zip([values.0, values.1, values.2]) {
-            self.apply("assign.mutations.gatekeeper.sh", gatekeeper_assign(sysctl, value, label))?;
+            self.apply(
+                "assign.mutations.gatekeeper.sh",
+                gatekeeper_assign(sysctl, value, label),
+            )?;
         }
 
         let cert_dir = cp.work_dir().join("gatekeeper-certs");
@@ -560,7 +606,7 @@ impl RunningPeer {
         cmd.args(gatekeeper_args(&cert_dir, port, health_port))
             .env("KUBECONFIG", cp.kubeconfig())
             .env("POD_NAMESPACE", NS)
-            .env("POD_NAME", "gatekeeper-controller-manager-local")
+            .env("POD_NAME", GATEKEEPER_POD)
             .env("CONTAINER_NAME", "manager")
             .env_remove("KUBERNETES_SERVICE_HOST");
         self.spawn(cmd)?;
@@ -803,7 +849,7 @@ pub fn carries_sysctls(pod: &Value, values: (i32, i32, i32)) -> bool {
     SYSCTLS.iter().zip([values.0, values.1, values.2]).all(|(name, value)| {
         sysctls
             .iter()
-            .any(|s| s["name"] == *name && s["value"] == value.to_string())
+            .any(|s| s["name"] == *name && s["value"].as_str() == Some(value.to_string().as_str()))
     })
 }
 
@@ -927,7 +973,12 @@ impl Kubectl {
     /// Names (`kind/name`) of every mutating and validating webhook configuration.
     fn webhook_configurations(&self) -> Result<Vec<String>> {
         Ok(self
-            .run(&["get", "mutatingwebhookconfigurations,validatingwebhookconfigurations", "-o", "name"])?
+            .run(&[
+                "get",
+                "mutatingwebhookconfigurations,validatingwebhookconfigurations",
+                "-o",
+                "name",
+            ])?
             .lines()
             .map(str::to_string)
             .collect())
@@ -937,8 +988,7 @@ impl Kubectl {
 /// The Go toolchain: `go` of PATH, else the machine's /usr/local/go; cgo off, no VCS stamping (as hack/tools.sh).
 fn go() -> Command {
     let local = Path::new("/usr/local/go/bin/go");
-    let in_path = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("go").is_file()));
+    let in_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("go").is_file()));
     let mut cmd = Command::new(if in_path || !local.is_file() {
         Path::new("go")
     } else {
@@ -962,6 +1012,10 @@ fn nice(cmd: &mut Command) -> Command {
         };
     }
     niced
+}
+
+fn w_str(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
 }
 
 fn say(peer: Peer, what: &str) {
@@ -1012,7 +1066,11 @@ pub fn smoke(names: &[String]) -> Result<()> {
         }
     }
     for peer in built {
-        eprintln!("\n==> Running {} {} on a fresh control plane", peer.name(), peer.version());
+        eprintln!(
+            "\n==> Running {} {} on a fresh control plane",
+            peer.name(),
+            peer.version()
+        );
         match smoke_one(peer) {
             Ok(()) => println!("{}: ok", peer.name()),
             Err(e) => {
@@ -1022,7 +1080,12 @@ pub fn smoke(names: &[String]) -> Result<()> {
         }
     }
     if !failed.is_empty() {
-        bail!("{} of {} peers failed:\n{}", failed.len(), peers.len(), failed.join("\n"));
+        bail!(
+            "{} of {} peers failed:\n{}",
+            failed.len(),
+            peers.len(),
+            failed.join("\n")
+        );
     }
     Ok(())
 }
@@ -1106,6 +1169,42 @@ fn smoke_one(peer: Peer) -> Result<()> {
         .collect();
     let after = rss_kib(pid);
     let log = running.log();
+    // What the apiserver calls for pods, as registered (by us or by the peer), and what the peer logged as errors.
+    for webhook in kubectl
+        .run(&["get", "mutatingwebhookconfigurations", "-o", "json"])
+        .ok()
+        .and_then(|out| serde_json::from_str::<Value>(&out).ok())
+        .and_then(|list| list["items"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|c| c["webhooks"].as_array().cloned().unwrap_or_default())
+        .filter(|w| w["rules"].to_string().contains("\"pods\""))
+    {
+        println!(
+            "  webhook {}: {} failurePolicy {} timeout {} s, namespaceSelector {}, rules {}",
+            w_str(&webhook["name"]),
+            w_str(&webhook["clientConfig"]["url"]),
+            w_str(&webhook["failurePolicy"]),
+            webhook["timeoutSeconds"],
+            webhook["namespaceSelector"],
+            webhook["rules"],
+        );
+    }
+    let log_text = fs::read_to_string(&log).unwrap_or_default();
+    let errors: Vec<String> = log_text
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("\"level\":\"error\"") || l.starts_with('E'))
+        .map(|l| l.chars().take(300).collect())
+        .collect();
+    println!(
+        "  its log: {} lines, {} of them errors{}",
+        log_text.lines().count(),
+        errors.len(),
+        if errors.is_empty() { "" } else { ", first:" }
+    );
+    for line in errors.iter().take(5) {
+        println!("    {line}");
+    }
     running.stop()?;
     if pods.len() != PODS || !bad.is_empty() {
         bail!(
@@ -1126,7 +1225,10 @@ fn smoke_one(peer: Peer) -> Result<()> {
         "-o",
         "json",
         "-f",
-        kubectl.write("smoke-after", &probe_pod(NS, "after-stop"))?.to_str().context("path")?,
+        kubectl
+            .write("smoke-after", &probe_pod(NS, "after-stop"))?
+            .to_str()
+            .context("path")?,
     ])?;
     if carries_sysctls(&serde_json::from_str(&after_stop)?, VALUES) {
         bail!("a pod created after stop was still mutated");
@@ -1151,6 +1253,20 @@ fn smoke_one(peer: Peer) -> Result<()> {
         mib(before, false),
         mib(after, false),
         mib(after, true),
+    );
+    // A benchmark interleaves configurations: the same peer again on the same control plane.
+    let again = Instant::now();
+    let running = peer.start(&cp, LABEL, VALUES)?;
+    let restart = again.elapsed();
+    running.stop()?;
+    let left = kubectl.webhook_configurations()?;
+    if !left.is_empty() {
+        bail!("webhook configurations left after the second stop: {left:?}");
+    }
+    println!(
+        "{}: started again on the same control plane and mutating in {:.1} s; stopped again, nothing left",
+        peer.name(),
+        restart.as_secs_f64()
     );
     Ok(())
 }
