@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod peers;
 pub mod sandbox;
 pub mod tools;
 
