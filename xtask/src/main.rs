@@ -11,6 +11,9 @@
 //!   cargo xtask deny      the supply-chain step of `test` alone (cargo deny check)
 //!   cargo xtask cluster   start the local control plane and keep it running until Ctrl-C
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
+//!   cargo xtask bench-admission [--creators 100,200] [--pods N] [--rounds R] [--only NAME,...]
+//!                         pod-create latency and cost of each way of injecting the sysctls, interleaved, through a
+//!                         real apiserver (not part of CI; admission.rs)
 //!   cargo xtask fuzz [N]  N generated AdmissionReviews (default 10 000 000) through the webhook's parse + answer,
 //!                         release build (CI runs a short run of the same test)
 
@@ -30,13 +33,15 @@ fn main() -> ExitCode {
         Some("cluster") => cluster(),
         Some("e2e") => e2e(),
         Some("deny") => deny::check(),
+        Some("bench-admission") => xtask::admission::Options::parse(&args[1..]).and_then(|o| xtask::admission::run(&o)),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str).unwrap_or("10000000")),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | matrix [VERSION...] | e2e | deny | cluster | tools [NAME...] | fuzz [CASES]"
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | matrix [VERSION...] | e2e | deny | cluster | tools [NAME...] | fuzz [CASES] | {}",
+                xtask::admission::USAGE
             );
             return ExitCode::from(2);
         }
