@@ -1048,14 +1048,19 @@ pub fn run(options: &Options) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     });
-    for configuration in configurations {
+    // Stopped last started first; a failed stop is reported after the figures, which stay valid.
+    let mut stop_errors = Vec::new();
+    for configuration in configurations.into_iter().rev() {
         let name = configuration.name.clone();
-        configuration
-            .admission
-            .stop()
-            .with_context(|| format!("stopping {name}"))?;
+        if let Err(e) = configuration.admission.stop() {
+            stop_errors.push(format!("stopping {name}: {e:#}"));
+        }
     }
-    let samples = measured?;
+    let samples = match measured {
+        Ok(samples) => samples,
+        Err(e) if stop_errors.is_empty() => return Err(e),
+        Err(e) => return Err(e.context(stop_errors.join("; "))),
+    };
     let header = format!(
         "kube-apiserver {version}, {} pods per configuration and round, {} rounds, creators {}, one shared client \
          over {}; {} cores",
@@ -1085,6 +1090,9 @@ pub fn run(options: &Options) -> Result<()> {
     }
     std::fs::write(&out, &report.markdown).with_context(|| format!("writing {}", out.display()))?;
     progress(&format!("markdown tables written to {}", out.display()));
+    if !stop_errors.is_empty() {
+        bail!("{}", stop_errors.join("; "));
+    }
     Ok(())
 }
 
