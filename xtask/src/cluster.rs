@@ -300,6 +300,10 @@ impl ControlPlane {
             "--disable-admission-plugins=ServiceAccount".into(),
             "--allow-privileged=true".into(),
             "--enable-priority-and-fairness=false".into(),
+            // Without priority and fairness these caps apply; the defaults (200 mutating) turn 200 concurrent pod
+            // creators (bench-admission) into 429s. A test control plane has no other tenants to protect.
+            "--max-mutating-requests-inflight=1000".into(),
+            "--max-requests-inflight=2000".into(),
             "--profiling=false".into(),
             "--v=1".into(),
         ]);

@@ -1,5 +1,6 @@
 //! Project tasks and the real local control plane the tests and the demo run against.
 
+pub mod admission;
 pub mod bench;
 pub mod cluster;
 pub mod peers;

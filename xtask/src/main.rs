@@ -13,6 +13,9 @@
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
 //!   cargo xtask peers [NAME...]  build Kyverno and Gatekeeper from their Go modules (cached) and smoke-test each on
 //!                         a fresh control plane: webhook by URL, our mutation, 20 pods, RSS, clean stop (not in CI)
+//!   cargo xtask bench-admission [--creators 100,200] [--pods N] [--rounds R] [--only NAME,...]
+//!                         pod-create latency and cost of each way of injecting the sysctls, interleaved, through a
+//!                         real apiserver (not part of CI; admission.rs)
 //!   cargo xtask fuzz [N]  N generated AdmissionReviews (default 10 000 000) through the webhook's parse + answer,
 //!                         release build (CI runs a short run of the same test)
 
@@ -33,13 +36,15 @@ fn main() -> ExitCode {
         Some("e2e") => e2e(),
         Some("deny") => deny::check(),
         Some("peers") => xtask::peers::smoke(&args[1..]),
+        Some("bench-admission") => xtask::admission::Options::parse(&args[1..]).and_then(|o| xtask::admission::run(&o)),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str).unwrap_or("10000000")),
         Some("tools") => tools::build(&args[1..].iter().map(String::as_str).collect::<Vec<_>>()).map(|d| {
             println!("{}", d.display());
         }),
         _ => {
             eprintln!(
-                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | matrix [VERSION...] | e2e | deny | cluster | tools [NAME...] | peers [kyverno|gatekeeper...] | fuzz [CASES]"
+                "usage: cargo xtask demo [--hold] | test [CARGO TEST ARGS...] | matrix [VERSION...] | e2e | deny | cluster | tools [NAME...] | peers [kyverno|gatekeeper...] | fuzz [CASES] | {}",
+                xtask::admission::USAGE
             );
             return ExitCode::from(2);
         }
