@@ -9,12 +9,14 @@
 //! Measured, each beside a baseline of the same run: RSS of the pod cache, and of the node reports on top of
 //! it (baseline: the same reports held as whole objects, as a reflector would); a full recompute (baseline:
 //! the same without node reports); one report absorbed (baseline: parsing its watch event alone); CPU per
-//! wall second of steady-state churn, 60 s at one report per node per minute (83.3 reports/s) with the status
-//! writer's 500 ms tick (expiry, summaries, statuses serialized); and, from the measured sizes of the objects
-//! as serialized, the apiserver write rate and the bytes/s of the controller's report watch. With a control
-//! plane available (`xtask::ControlPlane`, cached binaries), one report is also written through a real
-//! apiserver by server-side apply, as the agent writes it, and stamped as the controller stamps it, to
-//! check the sizes against what the apiserver stores.
+//! wall second of steady-state churn, 60 s at one heartbeat per node per minute (83.3 heartbeat Lease events/s)
+//! and one report refresh per node per 10 minutes (8.3 report events/s), with the status writer's 500 ms tick
+//! (expiry, summaries, statuses serialized); one heartbeat absorbed (baseline: one report absorbed); and, from
+//! the measured sizes of the objects as serialized, the apiserver write rate and the bytes/s of the controller's
+//! report and Lease watches (baseline: every heartbeat a report rewrite, as before the heartbeat Lease). With a
+//! control plane available (`xtask::ControlPlane`, cached binaries), one report and one Lease are also written
+//! through a real apiserver by server-side apply, as the agent writes them, and the report stamped as the
+//! controller stamps it, to check the sizes against what the apiserver stores.
 //!
 //! Run: cargo bench --bench envelope [-- --no-apiserver]
 
@@ -26,13 +28,14 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::Pod,
+    api::{coordination::v1::Lease, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta, OwnerReference, Time},
     jiff::Timestamp,
 };
 use keepalive_operator::{
     agent::{
         connections::{Observed, summarize},
+        heartbeat::lease_body,
         kernel::bpf::OwnKeepalive,
     },
     api::{
@@ -41,7 +44,7 @@ use keepalive_operator::{
     },
     controller::{
         conformance::{self, CachedPod, Conformance, Injection},
-        node_reports::{NodeReports, Reports},
+        node_reports::{Beats, Heartbeats, NodeReports, Reports},
     },
     policy::{ClusterFacts, PolicyEntry, PolicySet},
     runtime::watch::Relist,
@@ -54,8 +57,10 @@ const PODS_PER_NODE: usize = 30;
 const PODS: usize = NODES * PODS_PER_NODE;
 const NAMESPACES: usize = 2_000;
 const POLICIES: usize = 50;
-/// The agent's default heartbeat: a report is rewritten once a minute when nothing but counts changed.
+/// The agent's default heartbeat: its Lease is renewed once a minute when nothing but counts changed.
 const HEARTBEAT_SECONDS: u64 = 60;
+/// The agent's default refresh: its report is rewritten at least every 10 minutes.
+const REFRESH_SECONDS: u64 = 600;
 /// The status writer's tick and its per-policy write interval.
 const TICK: Duration = Duration::from_millis(500);
 const CHURN: Duration = Duration::from_secs(60);
@@ -324,6 +329,7 @@ fn report_spec(n: usize, t: usize) -> KeepaliveNodeReportSpec {
     KeepaliveNodeReportSpec {
         last_scan: at(t),
         heartbeat_seconds: HEARTBEAT_SECONDS as i32,
+        refresh_seconds: Some(REFRESH_SECONDS as i32),
         scan_interval_seconds: 10,
         node_sysctls: Some(LINUX_DEFAULTS),
         connection_reading: Some(ConnectionReading {
@@ -427,12 +433,45 @@ fn watch_event(n: usize, t: usize) -> Vec<u8> {
     bytes
 }
 
+/// Node `n`'s heartbeat Lease as the apiserver stores it and the controller's Lease watch receives it: the agent's
+/// apply body with the metadata the apiserver adds (one managedFields entry, the agent's).
+fn stored_lease(n: usize, t: usize) -> Value {
+    let owner = (
+        format!("keepalive-agent-{n:05x}"),
+        format!("20000000-0000-4000-8000-{n:012}"),
+    );
+    let mut lease = lease_body(&node_name(n), Some(&owner), 3 * HEARTBEAT_SECONDS as i32, at(t).0);
+    let metadata = lease["metadata"].as_object_mut().unwrap();
+    metadata.insert("namespace".into(), json!("keepalive-agent"));
+    metadata.insert("uid".into(), json!(format!("30000000-0000-4000-8000-{n:012}")));
+    metadata.insert("resourceVersion".into(), json!(format!("{}", 1_000_000 + n * 1000 + t)));
+    metadata.insert("creationTimestamp".into(), json!(at(0)));
+    metadata.insert(
+        "managedFields".into(),
+        json!([{"manager": AGENT_MANAGER, "operation": "Apply", "apiVersion": "coordination.k8s.io/v1",
+            "time": at(t), "fieldsType": "FieldsV1", "fieldsV1": {
+                "f:metadata": {"f:labels": {"f:keepalive.dev/node-heartbeat": {}},
+                    "f:ownerReferences": {"k:{\"uid\":\"20000000-0000-4000-8000-000000000000\"}": {}}},
+                "f:spec": {"f:holderIdentity": {}, "f:leaseDurationSeconds": {}, "f:renewTime": {}}}}]),
+    );
+    lease
+}
+
+/// The bytes of one watch event of node `n`'s Lease renewed at heartbeat `t`.
+fn lease_event(n: usize, t: usize) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&json!({"type": "MODIFIED", "object": stored_lease(n, t)})).unwrap();
+    bytes.push(b'\n');
+    bytes
+}
+
 /// The controller's report-side state, fed as the status writer feeds it.
 struct Controller {
     conformance: Conformance,
     reports: NodeReports,
     relist: Relist<(String, keepalive_operator::controller::node_reports::HeldReport)>,
     touched: Vec<String>,
+    heartbeats: Heartbeats,
+    lease_relist: Relist<(String, String)>,
 }
 
 impl Controller {
@@ -455,6 +494,26 @@ impl Controller {
                 self.handle(watcher::Event::Apply(report));
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// One heartbeat Lease watch event from its bytes, absorbed as the status writer absorbs it.
+    fn beat(&mut self, bytes: &[u8]) {
+        let lease = match serde_json::from_slice::<WatchEvent<Lease>>(bytes).unwrap() {
+            WatchEvent::Modified(lease) | WatchEvent::Added(lease) => lease,
+            other => panic!("unexpected {other:?}"),
+        };
+        let mut heard = Vec::new();
+        let mut index = Beats {
+            heartbeats: &mut self.heartbeats,
+            heard: &mut heard,
+        };
+        self.lease_relist.handle(&mut index, watcher::Event::Apply(lease));
+        let now = Timestamp::now();
+        for node in heard {
+            if self.reports.trust(&node) == Some(keepalive_operator::controller::node_reports::Trust::Trusted) {
+                self.conformance.node_heartbeat(&node, now);
+            }
         }
     }
 }
@@ -503,12 +562,13 @@ fn main() {
     let with_apiserver = !std::env::args().any(|a| a == "--no-apiserver");
     println!(
         "envelope: {PODS} pods on {NODES} nodes ({PODS_PER_NODE} a node), {NAMESPACES} namespaces, {POLICIES} policies, \
-         {NODES} node reports, one heartbeat per node per {HEARTBEAT_SECONDS} s"
+         {NODES} node reports, one heartbeat per node per {HEARTBEAT_SECONDS} s, one report refresh per {REFRESH_SECONDS} s"
     );
 
     // 1. The pod cache, as the pod watch's initial list fills it.
     let base = rss_kib();
     let mut c = Conformance::new(ClusterFacts::default());
+    c.set_heartbeats_read(true);
     c.replace_namespaces((0..NAMESPACES).map(|n| (format!("ns-{n:04}"), namespace_labels(n))));
     c.set_policies(Arc::new(policies()));
     let started = Instant::now();
@@ -527,6 +587,8 @@ fn main() {
         reports: NodeReports::default(),
         relist: Relist::default(),
         touched: Vec::new(),
+        heartbeats: Heartbeats::default(),
+        lease_relist: Relist::default(),
     };
     ctl.reports.replace_nodes(
         (0..NODES)
@@ -580,6 +642,31 @@ fn main() {
     }
     parse.sort();
     absorb.sort();
+    // 3b. One heartbeat absorbed: each node's Lease renewal, from the bytes of its watch event (the first relists
+    // the Leases, as the Lease watch's initial list would).
+    let mut beat = Vec::with_capacity(NODES);
+    ctl.lease_relist.handle(
+        &mut Beats {
+            heartbeats: &mut ctl.heartbeats,
+            heard: &mut Vec::new(),
+        },
+        watcher::Event::Init,
+    );
+    ctl.lease_relist.handle(
+        &mut Beats {
+            heartbeats: &mut ctl.heartbeats,
+            heard: &mut Vec::new(),
+        },
+        watcher::Event::InitDone,
+    );
+    for n in 0..NODES {
+        let bytes = lease_event(n, 1);
+        let t = Instant::now();
+        ctl.beat(&bytes);
+        beat.push(t.elapsed());
+    }
+    beat.sort();
+    assert_eq!(ctl.heartbeats.len(), NODES, "every node's Lease held");
 
     // 4. Steady state: 60 s of heartbeats at 83.3 reports/s with the status writer's tick, CPU per wall second.
     let mut writer = Writer {
@@ -587,13 +674,18 @@ fn main() {
         last_write: Default::default(),
         bytes: 0,
     };
+    // Per heartbeat interval every node is heard from once: HEARTBEAT / REFRESH of them by a report refresh, the
+    // others by a Lease renewal.
     let interval = Duration::from_secs(HEARTBEAT_SECONDS).div_f64(NODES as f64);
+    let refresh_every = (REFRESH_SECONDS / HEARTBEAT_SECONDS) as usize;
     let (mut cpu_absorb, mut cpu_parse, mut cpu_tick) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut cpu_beats = Duration::ZERO;
     let (mut absorbed, mut writes, mut event_bytes) = (0usize, 0usize, 0usize);
+    let (mut beats, mut lease_bytes) = (0usize, 0usize);
     let started = Instant::now();
     let mut next_tick = started + TICK;
     while started.elapsed() < CHURN {
-        let due = started + interval.mul_f64(absorbed as f64);
+        let due = started + interval.mul_f64((absorbed + beats) as f64);
         if Instant::now() >= next_tick {
             let cpu = thread_cpu();
             writes += writer.tick(&mut ctl.conformance);
@@ -605,8 +697,18 @@ fn main() {
             std::thread::sleep((due.min(next_tick)).saturating_duration_since(Instant::now()));
             continue;
         }
+        let heard = absorbed + beats;
+        if heard % refresh_every != 0 {
+            let bytes = lease_event(heard % NODES, 2);
+            lease_bytes += bytes.len();
+            let cpu = thread_cpu();
+            ctl.beat(&bytes);
+            cpu_beats += thread_cpu() - cpu;
+            beats += 1;
+            continue;
+        }
         // The apiserver's part: the event's bytes (not the controller's CPU).
-        let bytes = watch_event(absorbed % NODES, 2);
+        let bytes = watch_event(heard % NODES, 2);
         event_bytes += bytes.len();
         let cpu = thread_cpu();
         std::hint::black_box(serde_json::from_slice::<WatchEvent<KeepaliveNodeReport>>(&bytes).unwrap());
@@ -646,6 +748,19 @@ fn main() {
             .len()
     });
     let event_avg = event_bytes / absorbed.max(1);
+    let lease_event_avg = lease_bytes / beats.max(1);
+    let lease_stored = avg(&|n| serde_json::to_vec(&stored_lease(n, 1)).unwrap().len());
+    let lease_body_bytes = serde_json::to_vec(&lease_body(
+        &node_name(0),
+        Some(&(
+            "keepalive-agent-00000".into(),
+            "20000000-0000-4000-8000-000000000000".into(),
+        )),
+        180,
+        at(1).0,
+    ))
+    .unwrap()
+    .len();
     let apiserver = with_apiserver.then(|| apiserver_sizes(&report_spec(0, 1)));
 
     // 6. Baseline for memory: the same reports held as whole objects (a reflector's store).
@@ -686,15 +801,22 @@ fn main() {
         micros(percentile(&parse, 0.5)),
     );
     xtask::bench::row("baseline: parsing alone, p99", micros(percentile(&parse, 0.99)));
+    xtask::bench::row(
+        "one heartbeat absorbed (Lease event → state), p50",
+        micros(percentile(&beat, 0.5)),
+    );
+    xtask::bench::row("one heartbeat absorbed, p99", micros(percentile(&beat, 0.99)));
     println!(
-        "-- steady churn: {absorbed} reports in {:.1} s ({:.1}/s), status tick every {} ms",
+        "-- steady churn: {beats} heartbeats + {absorbed} reports in {:.1} s ({:.1}/s + {:.1}/s), status tick every {} ms",
         churn_wall.as_secs_f64(),
+        beats as f64 / churn_wall.as_secs_f64(),
         absorbed as f64 / churn_wall.as_secs_f64(),
         TICK.as_millis()
     );
+    xtask::bench::row("CPU, heartbeats absorbed (parse + state)", per_s(cpu_beats));
     xtask::bench::row("CPU, reports absorbed (parse + state)", per_s(cpu_absorb));
     xtask::bench::row("CPU, status ticks (expiry, summaries, bodies)", per_s(cpu_tick));
-    xtask::bench::row("CPU, total per wall second", per_s(cpu_absorb + cpu_tick));
+    xtask::bench::row("CPU, total per wall second", per_s(cpu_beats + cpu_absorb + cpu_tick));
     xtask::bench::row("baseline: CPU of parsing the events alone", per_s(cpu_parse));
     xtask::bench::row(
         "status writes due (≤ 1 per policy per 3 s)",
@@ -705,7 +827,9 @@ fn main() {
         format!("{:.1} KiB/s", writer.bytes as f64 / 1024.0 / churn_wall.as_secs_f64()),
     );
     println!("-- sizes (serde_json, averaged over 100 reports / 1 000 pods) and rates at {NODES} nodes");
-    let reports_per_s = NODES as f64 / HEARTBEAT_SECONDS as f64;
+    let heartbeats_per_s = NODES as f64 / HEARTBEAT_SECONDS as f64;
+    let refreshes_per_s = NODES as f64 / REFRESH_SECONDS as f64;
+    let leases_per_s = heartbeats_per_s - refreshes_per_s;
     xtask::bench::row("pod object", format!("{pod_bytes} B"));
     xtask::bench::row("report spec (30 pods)", format!("{spec_bytes} B"));
     xtask::bench::row("  of which socket summaries", format!("{sockets_bytes} B"));
@@ -716,7 +840,10 @@ fn main() {
     );
     xtask::bench::row("  of which managedFields", format!("{managed_bytes} B"));
     xtask::bench::row("watch event (as parsed above)", format!("{event_avg} B"));
-    if let Some(Ok((body, stored, managed))) = &apiserver {
+    xtask::bench::row("heartbeat Lease: agent's apply body", format!("{lease_body_bytes} B"));
+    xtask::bench::row("heartbeat Lease as stored", format!("{lease_stored} B"));
+    xtask::bench::row("  its watch event", format!("{lease_event_avg} B"));
+    if let Some(Ok((body, stored, managed, lease))) = &apiserver {
         let model = stored_report(0, 1, report_spec(0, 1));
         xtask::bench::row("real apiserver: node-0000's apply body", format!("{body} B"));
         xtask::bench::row("real apiserver: node-0000 as stored (GET)", format!("{stored} B"));
@@ -727,24 +854,59 @@ fn main() {
         xtask::bench::row("real apiserver: its managedFields", format!("{managed} B"));
         let model_managed = serde_json::to_vec(&model.metadata.managed_fields).unwrap().len();
         xtask::bench::row("  in-process model of the same", format!("{model_managed} B"));
+        xtask::bench::row(
+            "real apiserver: node-0000's Lease as stored (GET)",
+            format!("{lease} B"),
+        );
     } else if let Some(Err(e)) = &apiserver {
         println!("(no apiserver check: {e})");
     }
+    let stored_per_5_min = |reports: f64, leases: f64| {
+        format!(
+            "{:.0} MiB",
+            300.0 * (reports * stored_bytes as f64 + leases * lease_stored as f64) / 1048576.0
+        )
+    };
     xtask::bench::row(
-        "agent writes (steady: heartbeat only)",
-        format!("{reports_per_s:.1} req/s"),
+        "agent writes (steady: nothing changed)",
+        format!("{leases_per_s:.1} Lease + {refreshes_per_s:.1} report req/s"),
     );
     xtask::bench::row(
         "  write bodies into the apiserver",
-        format!("{:.2} MiB/s", reports_per_s * body_bytes as f64 / 1048576.0),
+        format!(
+            "{:.3} MiB/s",
+            (leases_per_s * lease_body_bytes as f64 + refreshes_per_s * body_bytes as f64) / 1048576.0
+        ),
     );
+    let watch_now = leases_per_s * lease_event_avg as f64 + refreshes_per_s * event_avg as f64;
+    let watch_before = heartbeats_per_s * event_avg as f64;
     xtask::bench::row(
-        "controller's report watch",
-        format!("{:.2} MiB/s", reports_per_s * event_avg as f64 / 1048576.0),
+        "controller's report + Lease watches",
+        format!("{:.3} MiB/s", watch_now / 1048576.0),
     );
     xtask::bench::row(
         "  stored per 5 min of history (compaction)",
-        format!("{:.0} MiB", 300.0 * reports_per_s * stored_bytes as f64 / 1048576.0),
+        stored_per_5_min(refreshes_per_s, leases_per_s),
+    );
+    xtask::bench::row(
+        "baseline: every heartbeat a report rewrite",
+        format!("{heartbeats_per_s:.1} report req/s"),
+    );
+    xtask::bench::row(
+        "  write bodies into the apiserver",
+        format!("{:.2} MiB/s", heartbeats_per_s * body_bytes as f64 / 1048576.0),
+    );
+    xtask::bench::row(
+        "  controller's report watch",
+        format!("{:.2} MiB/s", watch_before / 1048576.0),
+    );
+    xtask::bench::row(
+        "  stored per 5 min of history (compaction)",
+        stored_per_5_min(heartbeats_per_s, 0.0),
+    );
+    xtask::bench::row(
+        "watch bytes/s: heartbeat Lease vs baseline",
+        format!("{:.3}×", watch_now / watch_before),
     );
     xtask::bench::row(
         "initial list: reports / pods",
@@ -778,7 +940,7 @@ fn main() {
 /// One report written through a real apiserver as the agent writes it (server-side apply, its field manager),
 /// then stamped with its Node as the controller stamps it (JSON patch): the apply body's size and the object's
 /// size as the apiserver stores and serves it.
-fn apiserver_sizes(spec: &KeepaliveNodeReportSpec) -> Result<(usize, usize, usize), String> {
+fn apiserver_sizes(spec: &KeepaliveNodeReportSpec) -> Result<(usize, usize, usize, usize), String> {
     use kube::{
         Api,
         api::{Patch, PatchParams},
@@ -828,6 +990,38 @@ fn apiserver_sizes(spec: &KeepaliveNodeReportSpec) -> Result<(usize, usize, usiz
         let text = client.request_text(request).await.map_err(|e| format!("get: {e}"))?;
         let stored: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
         let managed = serde_json::to_vec(&stored["metadata"]["managedFields"]).unwrap().len();
-        Ok((serde_json::to_vec(&body).unwrap().len(), text.trim_end().len(), managed))
+        // The heartbeat Lease, applied twice as the agent renews it.
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+        let owner = (
+            "keepalive-agent-00000".to_string(),
+            "20000000-0000-4000-8000-000000000000".to_string(),
+        );
+        for t in 1..=2 {
+            let lease = lease_body(&node_name(0), Some(&owner), 180, at(t).0);
+            leases
+                .patch(
+                    &node_name(0),
+                    &PatchParams::apply(AGENT_MANAGER).force(),
+                    &Patch::Apply(&lease),
+                )
+                .await
+                .map_err(|e| format!("lease: {e}"))?;
+        }
+        let request = hyper::Request::get(format!(
+            "/apis/coordination.k8s.io/v1/namespaces/default/leases/{}",
+            node_name(0)
+        ))
+        .body(Vec::new())
+        .unwrap();
+        let lease = client
+            .request_text(request)
+            .await
+            .map_err(|e| format!("get lease: {e}"))?;
+        Ok((
+            serde_json::to_vec(&body).unwrap().len(),
+            text.trim_end().len(),
+            managed,
+            lease.trim_end().len(),
+        ))
     })
 }

@@ -40,6 +40,11 @@ pub const MAX_REPORT_PODS: usize = 2000;
 pub const MAX_READ_ERROR_CHARS: usize = 256;
 /// Longest heartbeat (and scan interval) a node report may claim, in seconds.
 pub const MAX_HEARTBEAT_SECONDS: i32 = 3600;
+/// Longest time a node report may go without a rewrite when its agent renews its heartbeat Lease, in seconds.
+pub const MAX_REFRESH_SECONDS: i32 = 86_400;
+/// The label of every agent's heartbeat Lease (named after its node, in the agent's namespace): the controller
+/// watches only Leases with it, and an agent may write only its own node's Lease with it.
+pub const HEARTBEAT_LABEL: &str = "keepalive.dev/node-heartbeat";
 /// Longest message of one violation in a policy status, in characters.
 pub const MAX_VIOLATION_MESSAGE_CHARS: usize = 1024;
 
@@ -378,11 +383,19 @@ pub struct KeepaliveNodeReportSpec {
     /// When the agent last scanned the node, by the node's clock (informational: the controller judges a
     /// report's freshness by when it received it, not by this).
     pub last_scan: Time,
-    /// How often the agent rewrites the report when nothing changed. A report not received for three heartbeats
-    /// is stale: the controller then judges the node's pods by their spec alone.
+    /// How often the agent says it is alive: by renewing its heartbeat Lease (see `refreshSeconds`) or, without
+    /// one, by rewriting this report. A node not heard from for three heartbeats is stale: the controller then
+    /// judges the node's pods by their spec alone.
     #[serde(default = "default_heartbeat")]
     #[schemars(range(min = 1, max = 3600))]
     pub heartbeat_seconds: i32,
+    /// Set when the agent renews a heartbeat Lease (named after the node, in its namespace, labelled
+    /// `keepalive.dev/node-heartbeat`) every `heartbeatSeconds` and rewrites this report only when a reading
+    /// changed, or at least this often (to refresh connection counts). Absent: the report itself is rewritten
+    /// every heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub refresh_seconds: Option<i32>,
     /// Seconds between two scans of the node: a running pod not in a report received two scans after the
     /// controller saw it running has no process the agent could find.
     #[serde(default = "default_scan_interval")]

@@ -365,17 +365,27 @@ fn options_render_as_documented() {
         "NetworkPolicy/ka-keepalive-operator-agent",
         "ValidatingAdmissionPolicy/ka-keepalive-operator-agent-node-bound",
         "ValidatingAdmissionPolicyBinding/ka-keepalive-operator-agent-node-bound",
+        "ValidatingAdmissionPolicy/ka-keepalive-operator-agent-heartbeat-bound",
+        "ValidatingAdmissionPolicyBinding/ka-keepalive-operator-agent-heartbeat-bound",
+        "Role/ka-keepalive-operator-agent-heartbeats",
+        "RoleBinding/ka-keepalive-operator-agent-heartbeats",
+        "Role/ka-keepalive-operator-heartbeat-reader",
+        "RoleBinding/ka-keepalive-operator-heartbeat-reader",
     ] {
         assert!(all.contains(k), "{k} missing from {all:?}");
     }
     assert!(all.contains("NetworkPolicy/ka-keepalive-operator"), "{all:?}");
-    assert_eq!(all.len(), 18, "{all:?}");
+    assert_eq!(all.len(), 24, "{all:?}");
     // The agent and everything of it in its own namespace; the operator's in the release namespace.
     for o in &objects {
         let (kind, name) = (o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap());
         let expected = match (kind, o["metadata"]["labels"]["app.kubernetes.io/component"].as_str()) {
             ("Namespace", _) => None,
-            ("DaemonSet" | "ServiceAccount" | "NetworkPolicy", Some("agent")) => Some(AGENT_NS),
+            ("DaemonSet" | "ServiceAccount" | "NetworkPolicy" | "Role" | "RoleBinding", Some("agent")) => {
+                Some(AGENT_NS)
+            }
+            // The operator reads the agents' heartbeat Leases in their namespace.
+            ("Role" | "RoleBinding", Some("operator")) if name.ends_with("-heartbeat-reader") => Some(AGENT_NS),
             (_, _) if o["metadata"].get("namespace").is_none() => None,
             _ => Some(NS),
         };
@@ -383,6 +393,33 @@ fn options_render_as_documented() {
     }
     let binding = find(&objects, "ClusterRoleBinding", "ka-keepalive-operator-agent").unwrap();
     assert_eq!(binding["subjects"][0]["namespace"], AGENT_NS);
+    // The heartbeat Leases: the agent creates and renews them, the operator lists and watches them; nothing else.
+    let agent_leases = rules(find(&objects, "Role", "ka-keepalive-operator-agent-heartbeats").unwrap());
+    assert_eq!(
+        agent_leases.into_iter().collect::<Vec<_>>(),
+        ["coordination.k8s.io leases create", "coordination.k8s.io leases patch"]
+    );
+    let reader = rules(find(&objects, "Role", "ka-keepalive-operator-heartbeat-reader").unwrap());
+    assert_eq!(
+        reader.into_iter().collect::<Vec<_>>(),
+        ["coordination.k8s.io leases list", "coordination.k8s.io leases watch"]
+    );
+    let reader_binding = find(&objects, "RoleBinding", "ka-keepalive-operator-heartbeat-reader").unwrap();
+    assert_eq!(
+        (
+            &reader_binding["subjects"][0]["name"],
+            &reader_binding["subjects"][0]["namespace"]
+        ),
+        (&json!("ka-keepalive-operator"), &json!(NS))
+    );
+    let operator = find(&objects, "Deployment", "ka-keepalive-operator").unwrap();
+    let env = &operator["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .contains(&json!({"name": "KEEPALIVE_AGENT_NAMESPACE", "value": AGENT_NS})),
+        "{env}"
+    );
     let agent = find(&objects, "DaemonSet", "ka-keepalive-operator-agent").unwrap();
     let sc = &agent["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(sc["appArmorProfile"]["type"], "Unconfined");

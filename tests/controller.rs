@@ -11,29 +11,10 @@ use common::*;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use keepalive_operator::api::{KeepalivePolicy, KeepalivePolicyStatus};
 use kube::{
-    Api, Client,
+    Api,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-
-/// Waits until the policy's status satisfies `check`; returns it.
-async fn status_where(
-    client: &Client,
-    policy: &str,
-    what: &str,
-    check: impl Fn(&KeepalivePolicyStatus) -> bool,
-) -> KeepalivePolicyStatus {
-    let api: Api<KeepalivePolicy> = Api::all(client.clone());
-    eventually(Duration::from_secs(30), what, || async {
-        let p = api.get_opt(policy).await.ok()??;
-        p.status.filter(|s| check(s))
-    })
-    .await
-}
-
-fn counts(s: &KeepalivePolicyStatus) -> (i32, i32) {
-    (s.matched_pods.unwrap_or(-1), s.conformant_pods.unwrap_or(-1))
-}
 
 fn condition<'a>(
     s: &'a KeepalivePolicyStatus,

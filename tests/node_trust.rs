@@ -10,7 +10,11 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use common::*;
-use keepalive_operator::api::KeepaliveNodeReport;
+use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
+use keepalive_operator::{
+    agent::heartbeat::lease_body,
+    api::{HEARTBEAT_LABEL, KeepaliveNodeReport},
+};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams},
@@ -177,6 +181,12 @@ async fn an_agent_writes_only_the_report_of_its_own_node() {
         "spec.heartbeatSeconds",
         "should be less than or equal to 3600",
     );
+    assert_schema_refused(
+        apply(&as_agent, &report("node-a", json!({"refreshSeconds": 2147483647}))).await,
+        "a refresh that never goes stale",
+        "spec.refreshSeconds",
+        "should be less than or equal to 86400",
+    );
     let error = "e".repeat(10_000);
     let pod = json!({"uid": "0123456789abcdef0123456789abcdef", "readAt": "2026-11-23T00:00:00Z", "error": error});
     assert_schema_refused(
@@ -331,4 +341,117 @@ async fn an_agent_writes_only_the_report_of_its_own_node() {
         .expect("the agent rewrites its report under the controller's ownerReference");
     let stored = as_admin.get("node-a").await.unwrap();
     assert_eq!(stored.metadata.owner_references.unwrap()[0].uid, node_a_uid);
+
+    // --- the heartbeat Lease: its own node's only, labelled, owned by nothing but its own pod -------------------
+    const LEASE_POLICY: &str = "trust-keepalive-operator-agent-heartbeat-bound";
+    let as_agent_leases: Api<Lease> = Api::namespaced(agent.clone(), AGENT_NS);
+    let admin_leases: Api<Lease> = Api::namespaced(admin.clone(), AGENT_NS);
+    let own_pod = (
+        "agent-on-node-a".to_string(),
+        "40000000-0000-4000-8000-000000000000".to_string(),
+    );
+    let lease = |node: &str, owner: Option<&(String, String)>| lease_body(node, owner, 180, Timestamp::now());
+    let apply_lease = |body: Value| {
+        let api = as_agent_leases.clone();
+        async move {
+            let name = body["metadata"]["name"].as_str().unwrap().to_string();
+            api.patch(
+                &name,
+                &PatchParams::apply("keepalive-agent").force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        }
+    };
+    let lease_refused = |result: kube::Result<Lease>, what: &str, message: &str| {
+        let (code, text) = refusal(result, what);
+        assert_eq!(code, 403, "{what}: {text}");
+        assert!(
+            text.contains(&format!("ValidatingAdmissionPolicy '{LEASE_POLICY}'")) && text.contains(message),
+            "{what}: {text}"
+        );
+    };
+    // A Lease of the namespace created without the label (as another component's would be): not taken over.
+    admin_leases
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-a"}, "spec": {}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let taken = eventually(Duration::from_secs(30), "the Lease policy in force", || async {
+        match apply_lease(lease("node-a", Some(&own_pod))).await {
+            Err(kube::Error::Api(s)) if s.message.contains("cannot patch resource") => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    lease_refused(
+        taken,
+        "taking over an unlabelled Lease",
+        "may not take over a Lease created without it",
+    );
+    admin_leases.delete("node-a", &DeleteParams::default()).await.unwrap();
+    // Its own, owned by its own pod: created, then renewed.
+    let created = apply_lease(lease("node-a", Some(&own_pod)))
+        .await
+        .expect("node-a's own Lease");
+    assert_eq!(created.metadata.labels.unwrap()[HEARTBEAT_LABEL], "true");
+    apply_lease(lease("node-a", Some(&own_pod)))
+        .await
+        .expect("node-a's Lease renewed");
+    lease_refused(
+        apply_lease(lease("node-b", None)).await,
+        "agent of node-a writing node-b's Lease",
+        "the keepalive agent of node node-a may write only the heartbeat Lease node-a, not node-b",
+    );
+    let mut unlabelled = lease("node-a", None);
+    unlabelled["metadata"].as_object_mut().unwrap().remove("labels");
+    lease_refused(
+        apply_lease(unlabelled).await,
+        "its own Lease without the label",
+        "may write only Leases labelled keepalive.dev/node-heartbeat=true",
+    );
+    let other_pod = (
+        "agent-on-node-b".to_string(),
+        "50000000-0000-4000-8000-000000000000".to_string(),
+    );
+    lease_refused(
+        apply_lease(lease("node-a", Some(&other_pod))).await,
+        "its Lease owned by another pod",
+        "may be owned by the agent's own pod only",
+    );
+    // Outside its namespace RBAC refuses it (the operator's leader-election Lease lives in the release namespace).
+    let (code, text) = refusal(
+        Api::<Lease>::namespaced(agent.clone(), NS)
+            .patch(
+                "node-a",
+                &PatchParams::apply("keepalive-agent").force(),
+                &Patch::Apply(lease("node-a", None)),
+            )
+            .await,
+        "a Lease in the release namespace",
+    );
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("cannot patch resource"), "{text}");
+    let lease_checks: &[(&str, &[&str], bool)] = &[
+        ("agent", &["create", "leases", "-n", AGENT_NS], true),
+        ("agent", &["patch", "leases", "-n", AGENT_NS], true),
+        ("agent", &["get", "leases", "-n", AGENT_NS], false),
+        ("agent", &["list", "leases", "-n", AGENT_NS], false),
+        ("agent", &["delete", "leases", "-n", AGENT_NS], false),
+        ("agent", &["patch", "leases", "-n", NS], false),
+        ("operator", &["list", "leases", "-n", AGENT_NS], true),
+        ("operator", &["watch", "leases", "-n", AGENT_NS], true),
+        ("operator", &["patch", "leases", "-n", AGENT_NS], false),
+        ("operator", &["create", "leases", "-n", AGENT_NS], false),
+    ];
+    for (who, args, allowed) in lease_checks {
+        let (namespace, account) = if *who == "agent" {
+            (AGENT_NS, AGENT_SA)
+        } else {
+            (NS, FULLNAME)
+        };
+        assert_eq!(can_i(cp, namespace, account, args), *allowed, "{who}: can-i {args:?}");
+    }
 }

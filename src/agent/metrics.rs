@@ -78,6 +78,7 @@ pub struct AgentMetrics {
     pub scan_duration: Histogram,
     pods: Family<PodReadLabels, Gauge>,
     report_writes: Family<OutcomeLabels, Counter>,
+    heartbeats: Family<OutcomeLabels, Counter>,
     over_budget: Family<BudgetLabels, Gauge>,
     /// Scans whose deadline left pods due for counting uncounted.
     pub scans_over_deadline: Counter,
@@ -86,7 +87,7 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Registers `scan_duration_seconds`, `pods`, `report_writes`, `pods_over_budget` and `scans_over_deadline`
+    /// Registers `scan_duration_seconds`, `pods`, `report_writes`, `heartbeats`, `pods_over_budget` and `scans_over_deadline`
     /// (under the registry's `keepalive_agent` prefix).
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = AgentMetrics {
@@ -96,6 +97,7 @@ impl AgentMetrics {
             )),
             pods: Family::default(),
             report_writes: Family::default(),
+            heartbeats: Family::default(),
             over_budget: Family::default(),
             scans_over_deadline: Counter::default(),
             per_socket: Gauge::default(),
@@ -122,6 +124,11 @@ impl AgentMetrics {
             "report_writes",
             "Writes of the node report, by result",
             metrics.report_writes.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Renewals of the node's heartbeat Lease, by result (a report write is a heartbeat too)",
+            metrics.heartbeats.clone(),
         );
         registry.register(
             "pods_over_budget",
@@ -155,5 +162,9 @@ impl AgentMetrics {
 
     pub fn report_write(&self, outcome: WriteOutcome) {
         self.report_writes.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn heartbeat(&self, outcome: WriteOutcome) {
+        self.heartbeats.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 }

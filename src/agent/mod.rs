@@ -3,10 +3,13 @@
 //!
 //! API writes per node are bounded: at most one per scan interval (default 10 s), and only when a reading
 //! changed; otherwise one heartbeat per `--heartbeat-seconds` (default 60 s) so the controller knows the agent
-//! is alive. Entries of pods that left the node disappear with the next write.
+//! is alive: a renewal of the node's small heartbeat Lease, or where there is none a rewrite of the report
+//! ([`cadence`] says which). Entries of pods that left the node disappear with the next write.
 
 mod admin;
+pub mod cadence;
 pub mod connections;
+pub mod heartbeat;
 pub mod kernel;
 mod metrics;
 pub mod reader;
@@ -36,7 +39,7 @@ use self::{
     reader::Reader,
 };
 use crate::{
-    api::{AGENT_MANAGER, KeepaliveNodeReport, KeepaliveNodeReportSpec, PodLiveReport},
+    api::{AGENT_MANAGER, KeepaliveNodeReport, KeepaliveNodeReportSpec},
     runtime::{
         limits::LimitArgs,
         listen::{OptionalListen, optional_listen},
@@ -61,10 +64,24 @@ pub struct AgentArgs {
     /// user namespace is the host's.
     #[arg(long, env = "KEEPALIVE_NODE_NETNS_PID", default_value_t = 1)]
     pub node_netns_pid: u32,
-    /// The report is rewritten at least this often, as a heartbeat, even when nothing changed; changed connection
-    /// counts alone wait for it. At least the scan interval.
+    /// The agent says it is alive this often, even when nothing changed: it renews its heartbeat Lease or,
+    /// without one, rewrites the report. At least the scan interval.
     #[arg(long, env = "KEEPALIVE_HEARTBEAT_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600), default_value_t = 60)]
     pub heartbeat_seconds: u64,
+    /// The agent's namespace (downward API: metadata.namespace), where it renews its heartbeat Lease (named after
+    /// the node). Empty: no Lease; the report is rewritten every heartbeat.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub lease_namespace: String,
+    /// The agent's pod name and UID (downward API), the owner of its Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+    /// With a heartbeat Lease: the report is rewritten at least this often, to refresh connection counts (changed
+    /// readings are written at the next scan, new kinds of connections at the next heartbeat). At least the
+    /// heartbeat.
+    #[arg(long, env = "KEEPALIVE_REFRESH_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400), default_value_t = 600)]
+    pub refresh_seconds: u64,
     /// How connections are read: per-socket (every socket's effective keepalive, by a BPF iterator; read-only),
     /// sock-diag (only counted, read-only, like `ss`) or socket-fds (only counted; see the README). Where
     /// per-socket cannot load (no BTF, BPF denied), the agent counts with sock-diag and says why in its report.
@@ -155,9 +172,28 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
             args.scan_interval_seconds
         );
     }
+    if args.refresh_seconds < args.heartbeat_seconds {
+        anyhow::bail!(
+            "--refresh-seconds ({}) must be at least --heartbeat-seconds ({})",
+            args.refresh_seconds,
+            args.heartbeat_seconds
+        );
+    }
     let client = Client::try_default().await?;
-    let reports: Api<KeepaliveNodeReport> = Api::all(client);
+    let reports: Api<KeepaliveNodeReport> = Api::all(client.clone());
+    let mut lease = (!args.lease_namespace.is_empty()).then(|| {
+        let owner = args.pod_name.clone().zip(args.pod_uid.clone());
+        heartbeat::Heartbeat::new(
+            client,
+            &args.lease_namespace,
+            &args.node_name,
+            owner,
+            args.heartbeat_seconds,
+        )
+    });
+    // The report last written, when, and when the agent was last heard from (that write or a Lease renewal).
     let mut written: Option<(KeepaliveNodeReportSpec, std::time::Instant)> = None;
+    let mut heard = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(args.scan_interval_seconds.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut registry = Registry::with_prefix("keepalive_agent");
@@ -207,6 +243,7 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                 let mut spec = KeepaliveNodeReportSpec {
                     last_scan: now,
                     heartbeat_seconds: i32::try_from(args.heartbeat_seconds).unwrap_or(i32::MAX),
+                    refresh_seconds: lease.as_ref().map(|_| i32::try_from(args.refresh_seconds).unwrap_or(i32::MAX)),
                     scan_interval_seconds: i32::try_from(args.scan_interval_seconds).unwrap_or(i32::MAX),
                     node_sysctls: scan.node,
                     connection_reading: scan.connection_reading.clone(),
@@ -217,9 +254,42 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                 if let Some(cut) = fit_report(&mut spec, MAX_REPORT_BYTES) {
                     tracing::warn!(cut, "the node report is over {MAX_REPORT_BYTES} bytes: socket details left out");
                 }
-                let last = written.as_ref().map(|(old, at)| (old, at.elapsed()));
-                if !write_due(last, &spec, Duration::from_secs(args.heartbeat_seconds)) {
-                    continue;
+                let last = written.as_ref().map(|(report, at)| cadence::Last {
+                    report,
+                    written: at.elapsed(),
+                    heard: heard.elapsed(),
+                });
+                let cadence = cadence::Cadence {
+                    heartbeat: Duration::from_secs(args.heartbeat_seconds),
+                    refresh: lease.as_ref().map(|_| Duration::from_secs(args.refresh_seconds)),
+                };
+                match cadence::due(last, &spec, cadence) {
+                    cadence::Due::Report => {}
+                    cadence::Due::Nothing => continue,
+                    cadence::Due::Lease => {
+                        let renewal = match &lease {
+                            Some(l) => l.renew().await,
+                            None => continue,
+                        };
+                        match renewal {
+                            Ok(()) => {
+                                heard = std::time::Instant::now();
+                                metrics.heartbeat(WriteOutcome::Written);
+                            }
+                            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {
+                                // No right to write Leases (a role from before them): the report is the heartbeat
+                                // again; the next scan rewrites it without refreshSeconds.
+                                tracing::warn!(error = %e, "cannot write the heartbeat Lease: the node report is rewritten every heartbeat instead");
+                                metrics.heartbeat(WriteOutcome::Failed);
+                                lease = None;
+                            }
+                            Err(e) => {
+                                metrics.heartbeat(WriteOutcome::Failed);
+                                tracing::warn!(error = %e, "renewing the heartbeat Lease failed; retrying next scan");
+                            }
+                        }
+                        continue;
+                    }
                 }
                 let object = serde_json::json!({
                     "apiVersion": "keepalive.dev/v1alpha1",
@@ -238,6 +308,7 @@ pub async fn run(args: AgentArgs, reader: Reader) -> anyhow::Result<()> {
                         metrics.pods(PodRead::Unverified, unverified);
                         metrics.report_write(WriteOutcome::Written);
                         written = Some((spec, std::time::Instant::now()));
+                        heard = std::time::Instant::now();
                         ready.store(true, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -282,47 +353,17 @@ pub fn fit_report(spec: &mut KeepaliveNodeReportSpec, max_bytes: usize) -> Optio
     Some(cut)
 }
 
-/// Whether a report is written now: the first one; one whose readings changed (connection counts move all the
-/// time on a busy node: alone, they wait for the heartbeat); or any once the heartbeat is due. `last` is the
-/// report last written and how long ago.
-pub fn write_due(
-    last: Option<(&KeepaliveNodeReportSpec, Duration)>,
-    spec: &KeepaliveNodeReportSpec,
-    heartbeat: Duration,
-) -> bool {
-    last.is_none_or(|(old, ago)| ago >= heartbeat || without_counts(old) != without_counts(spec))
-}
-
-/// A report without what changes on every scan (the scan time, the connection counts and their readAt), to tell a
-/// change worth a write.
-fn without_counts(spec: &KeepaliveNodeReportSpec) -> KeepaliveNodeReportSpec {
-    KeepaliveNodeReportSpec {
-        last_scan: Time(Timestamp::UNIX_EPOCH),
-        pods: spec
-            .pods
-            .iter()
-            .map(|p| PodLiveReport {
-                established: 0,
-                keepalive: 0,
-                sockets: None,
-                read_at: Time(Timestamp::UNIX_EPOCH),
-                ..p.clone()
-            })
-            .collect(),
-        ..spec.clone()
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
 
-    fn spec(at: i64, established: i32, time: i32) -> KeepaliveNodeReportSpec {
+    pub(crate) fn spec(at: i64, established: i32, time: i32) -> KeepaliveNodeReportSpec {
         KeepaliveNodeReportSpec {
             last_scan: Time(Timestamp::from_second(at).unwrap()),
             heartbeat_seconds: 60,
+            refresh_seconds: None,
             scan_interval_seconds: 10,
             node_sysctls: None,
             connection_reading: None,
@@ -363,26 +404,5 @@ mod tests {
         assert_eq!(fit_report(&mut cut, 10), Some("socket summaries"));
         assert_eq!(cut.pods[0].sockets, None);
         assert_eq!(cut.pods[0].sysctls, big.pods[0].sysctls, "the readings stay");
-    }
-
-    #[test]
-    fn writes_follow_changes_and_the_heartbeat() {
-        let heartbeat = Duration::from_secs(60);
-        let old = spec(100, 2, 60);
-        assert!(write_due(None, &old, heartbeat), "the first report");
-        let recent = Some((&old, Duration::from_secs(10)));
-        assert!(
-            !write_due(recent, &spec(110, 2, 60), heartbeat),
-            "only the scan time moved"
-        );
-        assert!(
-            !write_due(recent, &spec(110, 5, 60), heartbeat),
-            "counts alone wait for the heartbeat"
-        );
-        assert!(write_due(recent, &spec(110, 2, 300), heartbeat), "a value changed");
-        assert!(
-            write_due(Some((&old, heartbeat)), &spec(160, 2, 60), heartbeat),
-            "the heartbeat is due"
-        );
     }
 }

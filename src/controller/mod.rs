@@ -49,6 +49,11 @@ pub struct Args {
     /// apiserver's admission kubeconfig to present one). Read at start.
     #[arg(long, env = "KEEPALIVE_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<std::path::PathBuf>,
+    /// The node agents' namespace, where each renews a heartbeat Lease named after its node: a node report is
+    /// fresh while its agent renews the Lease (the report itself is rewritten only when a reading changed). Empty:
+    /// reports alone are heard.
+    #[arg(long, env = "KEEPALIVE_AGENT_NAMESPACE", default_value = "")]
+    pub agent_namespace: String,
     /// On SIGTERM, /readyz fails and the webhook keeps answering this many seconds (while the apiserver's
     /// connections move to other replicas) before it closes its connections gracefully and exits.
     #[arg(long, env = "KEEPALIVE_DRAIN_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
@@ -131,6 +136,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.cluster.verified_runtime_handlers.clone(),
         metrics,
         reports,
+        Some(args.agent_namespace.clone()).filter(|n| !n.is_empty()),
     );
     let writing = tokio::spawn(writer.run(leading, stopped));
 

@@ -7,7 +7,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::OwnerReference, jiff::Timestamp};
+use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::OwnerReference, jiff::Timestamp};
 
 use super::conformance::{Conformance, NodeLive, Strings};
 use crate::{api::KeepaliveNodeReport, runtime::watch::Index};
@@ -190,6 +190,60 @@ impl Index<KeepaliveNodeReport> for Reports<'_> {
     }
 }
 
+/// The agents' heartbeat Leases as last seen: node name → renewTime. A Lease counts as a heartbeat when its
+/// renewTime is one not seen before (a relist of unchanged Leases is none).
+#[derive(Default)]
+pub struct Heartbeats {
+    renewed: HashMap<String, String>,
+}
+
+impl Heartbeats {
+    pub fn len(&self) -> usize {
+        self.renewed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.renewed.is_empty()
+    }
+}
+
+/// The heartbeat Lease watch into [`Heartbeats`], noting which nodes' agents were heard from.
+pub struct Beats<'a> {
+    pub heartbeats: &'a mut Heartbeats,
+    pub heard: &'a mut Vec<String>,
+}
+
+impl Index<Lease> for Beats<'_> {
+    type Entry = (String, String);
+
+    fn entry(&mut self, lease: Lease) -> Option<Self::Entry> {
+        let renewed = lease.spec?.renew_time?;
+        // RFC 3339 with microseconds: compared as seen, never parsed into a time (the node's clock is not trusted).
+        let renewed = serde_json::to_string(&renewed).ok()?;
+        Some((lease.metadata.name?, renewed))
+    }
+    fn apply(&mut self, (name, renewed): Self::Entry) {
+        if self.heartbeats.renewed.get(&name) != Some(&renewed) {
+            self.heard.push(name.clone());
+            self.heartbeats.renewed.insert(name, renewed);
+        }
+    }
+    fn delete(&mut self, lease: Lease) {
+        if let Some(name) = lease.metadata.name {
+            self.heartbeats.renewed.remove(&name);
+        }
+    }
+    fn reset(&mut self, leases: Vec<Self::Entry>) {
+        let mut before = std::mem::take(&mut self.heartbeats.renewed);
+        for (name, renewed) in leases {
+            if before.remove(&name).as_ref() != Some(&renewed) {
+                self.heard.push(name.clone());
+            }
+            self.heartbeats.renewed.insert(name, renewed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -203,6 +257,7 @@ mod tests {
             live: Arc::new(NodeLive {
                 last_scan: Timestamp::UNIX_EPOCH,
                 stale_after: SignedDuration::from_secs(180),
+                refresh_stale_after: SignedDuration::from_secs(180),
                 node_sysctls: None,
                 pods: Default::default(),
             }),
@@ -263,5 +318,53 @@ mod tests {
         assert_eq!(HeldReport::node_owner("a", Some(&owners)), Some("Node-a".into()));
         assert_eq!(HeldReport::node_owner("c", Some(&owners)), None);
         assert_eq!(HeldReport::node_owner("a", None), None);
+    }
+
+    #[test]
+    fn a_lease_is_a_heartbeat_when_its_renewal_is_new() {
+        use crate::runtime::watch::Relist;
+        use kube::runtime::watcher::Event;
+        let lease = |name: &str, second: i64| -> Lease {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "agents"},
+                "spec": {"renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    Timestamp::from_second(second).unwrap())},
+            }))
+            .unwrap()
+        };
+        let mut heartbeats = Heartbeats::default();
+        let mut relist = Relist::default();
+        let mut feed = |heartbeats: &mut Heartbeats, event| {
+            let mut heard = Vec::new();
+            relist.handle(
+                &mut Beats {
+                    heartbeats,
+                    heard: &mut heard,
+                },
+                event,
+            );
+            heard
+        };
+        assert!(feed(&mut heartbeats, Event::Init).is_empty());
+        assert!(feed(&mut heartbeats, Event::InitApply(lease("n1", 100))).is_empty());
+        assert_eq!(feed(&mut heartbeats, Event::InitDone), ["n1"], "first seen");
+        assert_eq!(feed(&mut heartbeats, Event::Apply(lease("n1", 160))), ["n1"]);
+        assert!(
+            feed(&mut heartbeats, Event::Apply(lease("n1", 160))).is_empty(),
+            "the same renewal"
+        );
+        // A relist of the same renewal is no heartbeat; a new node's is.
+        feed(&mut heartbeats, Event::Init);
+        feed(&mut heartbeats, Event::InitApply(lease("n1", 160)));
+        feed(&mut heartbeats, Event::InitApply(lease("n2", 170)));
+        assert_eq!(feed(&mut heartbeats, Event::InitDone), ["n2"]);
+        let unrenewed: Lease =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n3"}, "spec": {}})).unwrap();
+        assert!(
+            feed(&mut heartbeats, Event::Apply(unrenewed)).is_empty(),
+            "never renewed"
+        );
+        feed(&mut heartbeats, Event::Delete(lease("n2", 170)));
+        assert_eq!(heartbeats.len(), 1);
     }
 }

@@ -14,6 +14,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
+        coordination::v1::Lease,
         core::v1::{Node, Pod},
         node::v1::RuntimeClass,
     },
@@ -37,10 +38,10 @@ use super::{
     injection,
     leader::Leadership,
     metrics::{Cache, ControllerMetrics, PodState, WriteOutcome},
-    node_reports::{NodeReports, Reports, Trust},
+    node_reports::{Beats, Heartbeats, NodeReports, Reports, Trust},
 };
 use crate::{
-    api::{KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
+    api::{HEARTBEAT_LABEL, KeepaliveNodeReport, KeepalivePolicy, KeepalivePolicyStatus, OPERATOR_MANAGER},
     policy::{ClusterFacts, Reason, connection::Protection},
     runtime::watch::{Index, Relist},
 };
@@ -74,6 +75,8 @@ pub struct StatusWriter {
     report_actions: HashMap<String, Instant>,
     /// How each policy's pods are mutated (the `Injected` condition), from the injection task.
     injection: injection::Reports,
+    /// The agents' namespace, where they renew their heartbeat Leases; `None`: reports alone are heard.
+    agent_namespace: Option<String>,
 }
 
 impl StatusWriter {
@@ -84,6 +87,7 @@ impl StatusWriter {
         runc_like: Vec<String>,
         metrics: ControllerMetrics,
         injection: injection::Reports,
+        agent_namespace: Option<String>,
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok();
         let recorder = Recorder::new(
@@ -108,6 +112,7 @@ impl StatusWriter {
             reports: NodeReports::default(),
             report_actions: Default::default(),
             injection,
+            agent_namespace,
         }
     }
 
@@ -166,6 +171,20 @@ impl StatusWriter {
         let mut classes = std::pin::pin!(classes);
         let mut class_relist = Relist::default();
         let mut runtime_classes = RuntimeClasses::default();
+        // The agents' heartbeat Leases (a few hundred bytes each), where the operator knows their namespace.
+        let leases = match &self.agent_namespace {
+            Some(namespace) => watcher(
+                Api::<Lease>::namespaced(self.client.clone(), namespace),
+                watcher::Config::default().labels(&format!("{HEARTBEAT_LABEL}=true")),
+            )
+            .default_backoff()
+            .boxed(),
+            None => futures::stream::pending().boxed(),
+        };
+        let mut leases = std::pin::pin!(leases);
+        let mut lease_relist = Relist::default();
+        let mut heartbeats = Heartbeats::default();
+        self.state.set_heartbeats_read(self.agent_namespace.is_some());
         let mut touched = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         let mut changes = self.caches.subscribe();
@@ -195,6 +214,30 @@ impl StatusWriter {
                             self.reports_unreadable = true;
                         } else {
                             tracing::warn!(error = %e, "node report watch failed; retrying");
+                        }
+                    }
+                    None => return false,
+                },
+                event = leases.next() => match event {
+                    Some(Ok(event)) => {
+                        let mut heard = Vec::new();
+                        lease_relist.handle(&mut Beats { heartbeats: &mut heartbeats, heard: &mut heard }, event);
+                        let now = Timestamp::now();
+                        for node in heard {
+                            // Only the agent of a node may write its Lease (the chart's admission policy), and only
+                            // a trusted report is held: a heartbeat of any other is nothing.
+                            if self.reports.trust(&node) == Some(Trust::Trusted) {
+                                self.state.node_heartbeat(&node, now);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        if !lease_relist.synced() && is_absent_or_forbidden(&e) {
+                            tracing::warn!(error = %e, "cannot read the agents' heartbeat Leases: node reports are \
+                                judged stale after three of their refreshes rather than three heartbeats");
+                            self.state.set_heartbeats_read(false);
+                        } else {
+                            tracing::warn!(error = %e, "heartbeat Lease watch failed; retrying");
                         }
                     }
                     None => return false,

@@ -432,3 +432,68 @@ pub fn can_i(cp: &ControlPlane, namespace: &str, service_account: &str, args: &[
     );
     answer == "yes"
 }
+
+/// Waits until the policy's status satisfies `check`; returns it.
+pub async fn status_where(
+    client: &Client,
+    policy: &str,
+    what: &str,
+    check: impl Fn(&keepalive_operator::api::KeepalivePolicyStatus) -> bool,
+) -> keepalive_operator::api::KeepalivePolicyStatus {
+    let api: Api<keepalive_operator::api::KeepalivePolicy> = Api::all(client.clone());
+    eventually(Duration::from_secs(30), what, || async {
+        let p = api.get_opt(policy).await.ok()??;
+        p.status.filter(|s| check(s))
+    })
+    .await
+}
+
+pub fn counts(s: &keepalive_operator::api::KeepalivePolicyStatus) -> (i32, i32) {
+    (s.matched_pods.unwrap_or(-1), s.conformant_pods.unwrap_or(-1))
+}
+
+/// `keepalive-operator agent` for `node` as a real process, scanning every second. Killed on drop.
+pub struct Agent {
+    _process: HostProcess,
+    pub admin_port: u16,
+    // A process in the host's network namespace stands in for the node's init.
+    host_process: std::process::Child,
+}
+
+impl Agent {
+    pub fn start(cp: &xtask::ControlPlane, node: &str) -> Agent {
+        Self::start_with(cp, node, &[])
+    }
+
+    /// The same with more arguments.
+    pub fn start_with(cp: &xtask::ControlPlane, node: &str, extra: &[&str]) -> Agent {
+        let host_process = std::process::Command::new("sleep")
+            .arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let admin_port = xtask::cluster::free_port().unwrap();
+        let mut args = vec![
+            "agent".to_string(),
+            "--scan-interval-seconds=1".to_string(),
+            format!("--node-name={node}"),
+            format!("--admin-listen=127.0.0.1:{admin_port}"),
+            format!("--node-netns-pid={}", host_process.id()),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Agent {
+            _process: HostProcess::spawn(cp, &format!("agent-{node}"), &args, cp.kubeconfig()),
+            admin_port,
+            host_process,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.host_process.kill();
+        let _ = self.host_process.wait();
+    }
+}

@@ -178,12 +178,13 @@ fn test(extra: &[String]) -> Result<()> {
 /// schema and CEL), the webhook, the controller, the chart, the agent's reports, the node-bound writes, the
 /// MutatingAdmissionPolicy compiler and the injection modes (MutatingAdmissionPolicy v1 from 1.36; before, the
 /// injection suite proves `auto` picks the webhook and `admissionPolicy` is refused).
-const APISERVER_SUITES: [&str; 8] = [
+const APISERVER_SUITES: [&str; 9] = [
     "api",
     "webhook",
     "controller",
     "chart",
     "agent",
+    "heartbeat",
     "node_trust",
     "admission_policy",
     "injection",

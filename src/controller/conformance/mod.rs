@@ -38,8 +38,8 @@ pub use self::{
 };
 use crate::{
     api::{
-        ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_VIOLATION_MESSAGE_CHARS,
-        MAX_VIOLATIONS, Violation,
+        ConnectionCounts, KeepaliveNodeReportSpec, LiveKeepalive, MAX_HEARTBEAT_SECONDS, MAX_REFRESH_SECONDS,
+        MAX_VIOLATION_MESSAGE_CHARS, MAX_VIOLATIONS, Violation,
     },
     policy::{
         self, ClusterFacts, Kubelet, PolicyEntry, PolicySet, Reason, Verdict,
@@ -84,7 +84,12 @@ pub struct PodReading {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeLive {
     pub last_scan: Timestamp,
+    /// Not heard from for this long (three heartbeats: a report or a renewal of its heartbeat Lease), the node's
+    /// report is stale.
     pub stale_after: SignedDuration,
+    /// The same, judged by reports alone (when this replica cannot read the agents' Leases): three refreshes
+    /// where the agent renews a Lease, else three heartbeats.
+    pub refresh_stale_after: SignedDuration,
     /// The node's own values, which hostNetwork pods run with.
     pub node_sysctls: Option<LiveKeepalive>,
     pub pods: HashMap<u128, PodReading>,
@@ -97,12 +102,16 @@ impl NodeLive {
 
     /// [`NodeLive::from_report`], the destinations' strings interned in `strings`.
     pub fn from_report_with(spec: &KeepaliveNodeReportSpec, strings: &mut Strings) -> Self {
+        // The schema bounds both; a report from before the bounds is clamped to them.
+        let heartbeat = spec.heartbeat_seconds.clamp(1, MAX_HEARTBEAT_SECONDS);
+        let refresh = spec
+            .refresh_seconds
+            .map_or(heartbeat, |r| r.clamp(heartbeat, MAX_REFRESH_SECONDS));
+        let stale = |seconds: i32| SignedDuration::from_secs(i64::from(seconds) * i64::from(STALE_AFTER_HEARTBEATS));
         NodeLive {
             last_scan: spec.last_scan.0,
-            // The schema bounds the heartbeat; a report from before the bound is clamped to it.
-            stale_after: SignedDuration::from_secs(
-                i64::from(spec.heartbeat_seconds.clamp(1, MAX_HEARTBEAT_SECONDS)) * i64::from(STALE_AFTER_HEARTBEATS),
-            ),
+            stale_after: stale(heartbeat),
+            refresh_stale_after: stale(refresh),
             node_sysctls: spec.node_sysctls,
             pods: spec
                 .pods
@@ -122,9 +131,10 @@ impl NodeLive {
     }
 }
 
-/// A node report as this replica holds it: the report, when this replica received it (its own clock), whether
-/// it was fresh at the last look, and how many reports of the node it has received (to tell a pod the agent
-/// cannot find from one it has not scanned yet).
+/// A node report as this replica holds it: the report, when this replica last heard from its agent (the report
+/// or a heartbeat since, by its own clock), whether it was fresh at the last look, and how many reports and
+/// heartbeats of the node it has received (to tell a pod the agent cannot find from one it has not scanned yet:
+/// an agent renews its heartbeat only after a scan that found nothing new to write).
 #[derive(Clone, Debug)]
 struct NodeState {
     live: Arc<NodeLive>,
@@ -134,8 +144,13 @@ struct NodeState {
 }
 
 impl NodeState {
-    fn fresh_at(&self, now: Timestamp) -> bool {
-        now.duration_since(self.received) <= self.live.stale_after
+    fn fresh_at(&self, now: Timestamp, heartbeats_read: bool) -> bool {
+        let after = if heartbeats_read {
+            self.live.stale_after
+        } else {
+            self.live.refresh_stale_after
+        };
+        now.duration_since(self.received) <= after
     }
 }
 
@@ -214,6 +229,8 @@ pub struct Conformance {
     runc_like: HashSet<String>,
     tallies: HashMap<Arc<str>, Tally>,
     dirty: HashSet<Arc<str>>,
+    /// This replica reads the agents' heartbeat Leases: a report is fresh while its agent renews its Lease.
+    heartbeats_read: bool,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -441,7 +458,7 @@ impl Conformance {
                         reason: Reason::Unverified,
                         message: format!(
                             "the agent on node {node_name} found no process of the pod, which is running (reports \
-                             received since: {})",
+                             and heartbeats received since: {})",
                             state.reports - pod.running_since_report.unwrap_or(0)
                         ),
                     },
@@ -603,6 +620,33 @@ impl Conformance {
         self.recompute_node(&node);
     }
 
+    /// The agent of `node` renewed its heartbeat Lease, seen at `now` (this replica's clock): its report, if
+    /// held, is confirmed by a scan newer than the report. The node's pods are judged again only if that changes
+    /// something (the report was stale, or a running pod is still missing from it).
+    pub fn node_heartbeat(&mut self, node: &str, now: Timestamp) {
+        let Some(state) = self.nodes.get_mut(node) else {
+            return;
+        };
+        state.received = now;
+        state.reports = state.reports.saturating_add(1);
+        let was_fresh = std::mem::replace(&mut state.fresh, true);
+        let live = state.live.clone();
+        let awaited = self.by_node.get(node).into_iter().flatten().any(|key| {
+            self.pods
+                .get(key)
+                .is_some_and(|(pod, _)| pod.running_since_report.is_some() && !live.pods.contains_key(&pod.uid))
+        });
+        if !was_fresh || awaited {
+            self.recompute_node(node);
+        }
+    }
+
+    /// Whether this replica reads the agents' heartbeat Leases (else a report is judged stale after three of its
+    /// refreshes, not three heartbeats).
+    pub fn set_heartbeats_read(&mut self, read: bool) {
+        self.heartbeats_read = read;
+    }
+
     pub fn remove_node_report(&mut self, node: &str) {
         if let Some((name, _)) = self.nodes.remove_entry(node) {
             self.recompute_node(&name);
@@ -643,11 +687,12 @@ impl Conformance {
 
     /// Reports that went stale since the last look (or fresh again): their nodes' pods are judged again.
     pub fn expire_node_reports(&mut self, now: Timestamp) {
+        let heartbeats_read = self.heartbeats_read;
         let flipped: Vec<Arc<str>> = self
             .nodes
             .iter_mut()
             .filter_map(|(name, state)| {
-                let now_fresh = state.fresh_at(now);
+                let now_fresh = state.fresh_at(now, heartbeats_read);
                 (now_fresh != state.fresh).then(|| {
                     state.fresh = now_fresh;
                     name.clone()

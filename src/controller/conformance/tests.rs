@@ -267,6 +267,7 @@ fn node_live(at: i64, node_time: i32, pods: Vec<(u128, PodReading)>) -> NodeLive
     NodeLive {
         last_scan: Timestamp::from_second(at).unwrap(),
         stale_after: SignedDuration::from_secs(180),
+        refresh_stale_after: SignedDuration::from_secs(180),
         node_sysctls: Some(LiveKeepalive {
             time: node_time,
             interval: 10,
@@ -426,6 +427,61 @@ fn a_running_pod_missing_from_two_reports_is_unverified() {
     // Found at last.
     c.set_node_report("n1", node_live(6, 60, vec![(9, reading(60, 1, 1))]), t(50));
     assert_eq!(c.summary("all").unwrap().live_verified, 1);
+    assert_consistent(&mut c);
+}
+
+#[test]
+fn heartbeats_keep_a_report_fresh_and_count_as_reports_for_a_missing_pod() {
+    let t = |s: i64| Timestamp::from_second(1_000_000 + s).unwrap();
+    let mut c = Conformance::new(ClusterFacts::default());
+    c.set_policies(policies(&[("all", json!({}))]));
+    c.set_heartbeats_read(true);
+    // An agent with a Lease: heartbeat 60 s, refresh 600 s.
+    let mut live = node_live(1, 60, vec![(1, reading(60, 1, 1))]);
+    live.stale_after = SignedDuration::from_secs(180);
+    live.refresh_stale_after = SignedDuration::from_secs(1800);
+    c.upsert_pod(on_node(pod("a", "read", &[], Some("60")), "n1", 1));
+    c.set_node_report("n1", live.clone(), t(0));
+    assert_eq!(c.summary("all").unwrap().live_verified, 1);
+    // Heartbeats alone keep it fresh well past three heartbeats after the report.
+    for i in 1..=5 {
+        c.node_heartbeat("n1", t(60 * i));
+        c.expire_node_reports(t(60 * i + 1));
+    }
+    assert_eq!(c.summary("all").unwrap().live_verified, 1, "fresh at 301 s");
+    // Silence for three heartbeats: stale, judged by the spec.
+    c.expire_node_reports(t(300 + 181));
+    assert_eq!(c.summary("all").unwrap().live_verified, 0, "stale at 481 s");
+    // The next heartbeat makes it fresh again.
+    c.node_heartbeat("n1", t(500));
+    assert_eq!(c.summary("all").unwrap().live_verified, 1, "heard from again");
+
+    // A running pod missing from the report: the second heartbeat since it runs says the agent found no process.
+    c.upsert_pod(on_node(pod("a", "missing", &[], Some("60")), "n1", 9));
+    c.node_heartbeat("n1", t(560));
+    assert_eq!(c.summary("all").unwrap().by_reason.get(&AWAITING), Some(&1));
+    c.node_heartbeat("n1", t(620));
+    let s = c.summary("all").unwrap();
+    assert_eq!(s.by_reason.get(&Reason::Unverified), Some(&1));
+    assert!(
+        s.violations[0].message.contains("found no process"),
+        "{}",
+        s.violations[0].message
+    );
+    // A heartbeat of a node without a (trusted) report changes nothing.
+    c.node_heartbeat("n2", t(620));
+    assert!(!c.nodes.contains_key("n2"));
+
+    // A replica that cannot read the Leases judges the same report by its refresh: fresh for three refreshes.
+    c.set_heartbeats_read(false);
+    c.expire_node_reports(t(620 + 1700));
+    assert_eq!(
+        c.summary("all").unwrap().live_verified,
+        1,
+        "within 1 800 s of the last heartbeat"
+    );
+    c.expire_node_reports(t(620 + 1801));
+    assert_eq!(c.summary("all").unwrap().live_verified, 0);
     assert_consistent(&mut c);
 }
 
