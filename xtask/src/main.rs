@@ -13,7 +13,8 @@
 //!   cargo xtask tools     build the Go binaries (etcd, kube-apiserver, kubectl, helm) into the cache
 //!   cargo xtask peers [NAME...]  build Kyverno and Gatekeeper from their Go modules (cached) and smoke-test each on
 //!                         a fresh control plane: webhook by URL, our mutation, 20 pods, RSS, clean stop (not in CI)
-//!   cargo xtask bench-admission [--creators 100,200] [--pods N] [--rounds R] [--only NAME,...]
+//!   cargo xtask bench-admission [--creators 100,200] [--pods N] [--rounds R] [--only NAME,...] [--http1]
+//!                         [--out FILE] [--peers]
 //!                         pod-create latency and cost of each way of injecting the sysctls, interleaved, through a
 //!                         real apiserver (not part of CI; admission.rs)
 //!   cargo xtask fuzz [N]  N generated AdmissionReviews (default 10 000 000) through the webhook's parse + answer,
